@@ -1,0 +1,191 @@
+"""Recipes: YAML files whose keys are TRL/transformers dataclass arguments plus our data arguments.
+
+Values from the recipe become the parser's defaults and `--flag` overrides on the command line win, as with
+TRL's own `TrlParser`; on top of that every key and value is checked before anything is loaded.
+"""
+
+import argparse
+import difflib
+import enum
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from trl import ModelConfig, SFTConfig, TrlParser
+
+from sft.errors import UserError
+
+
+@dataclass
+class DataArguments:
+    """Where the dialogues come from and how they become chat samples."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Local LCCC file (JSON with train/valid/test) or a Hub dataset id such as thu-coai/lccc."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. `base`."})
+    max_turns: int = field(
+        default=3,
+        metadata={"help": "Most turns (one user message plus its reply) in one training sample."},
+    )
+    val_size: float = field(
+        default=0.1,
+        metadata={"help": "Share of dialogues held out for evaluation when the data has no validation split."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval samples."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt put before every sample."})
+
+    def __post_init__(self):
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be at least 1, got {self.max_turns}")
+        if not 0 <= self.val_size < 1:
+            raise ValueError(f"val_size must be in [0, 1), got {self.val_size}")
+
+
+RECIPE_DATACLASSES = (DataArguments, SFTConfig, ModelConfig)
+SECRET_KEY_PARTS = ("token", "api_key", "password", "secret")
+
+
+class RecipeParser(TrlParser):
+    """TRL's parser, reporting a bad command-line value as a UserError instead of a page of usage."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+@dataclass
+class Recipe:
+    """The parsed arguments plus what the user chose explicitly (recipe keys and flags, flags winning)."""
+
+    data: DataArguments
+    training: SFTConfig
+    model: ModelConfig
+    chosen: dict
+
+    def resolved(self) -> dict:
+        """The user's choices with their final values, secrets left out: what `recipe.yaml` records."""
+        out = {}
+        for key in self.chosen:
+            if any(part in key.lower() for part in SECRET_KEY_PARTS):
+                continue
+            for args in (self.data, self.training, self.model):
+                if hasattr(args, key):
+                    out[key] = _plain(getattr(args, key))
+                    break
+        return out
+
+
+def _plain(value):
+    """A YAML-friendly copy of an argument value."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def read_recipe_file(path: str) -> dict:
+    """Load a recipe YAML safely, with one clear message for a missing file or a syntax error."""
+    recipe_path = Path(path)
+    if not recipe_path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"recipe {path} is not valid YAML{where}: {problem}") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"recipe {path} must be a mapping of `key: value` lines")
+    return recipe
+
+
+def _closest(key: str, known) -> str:
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def _coerce(action, key: str, value):
+    """Convert a YAML value with the argparse type of its field, or explain what was expected."""
+    if value is None:
+        return None
+    if action.nargs in ("+", "*"):
+        return [_coerce_one(action, key, v) for v in (value if isinstance(value, list) else [value])]
+    return _coerce_one(action, key, value)
+
+
+def _coerce_one(action, key: str, value):
+    if isinstance(value, (dict, list)) or action.type is None:
+        return value
+    expected = getattr(action.type, "__name__", "a valid value")
+    if isinstance(value, bool) and action.type in (int, float):
+        raise UserError(f"recipe key `{key}`: expected {expected}, got {value!r}")
+    try:
+        converted = action.type(str(value) if not isinstance(value, str) else value)
+    except (TypeError, ValueError, KeyError, argparse.ArgumentTypeError):
+        raise UserError(f"recipe key `{key}`: expected {expected}, got {value!r}") from None
+    if action.choices is not None and converted not in action.choices:
+        choices = ", ".join(str(_plain(c)) for c in action.choices)
+        raise UserError(f"recipe key `{key}`: {value!r} is not one of {choices}")
+    return converted
+
+
+def _flag_names(cli_args: list[str]) -> list[str]:
+    return [arg[2:].split("=", 1)[0] for arg in cli_args if arg.startswith("--")]
+
+
+def parse_recipe(argv: list[str]) -> Recipe:
+    """Parse `--config recipe.yaml` plus `--flag value` overrides into checked dataclasses."""
+    parser = RecipeParser(RECIPE_DATACLASSES)
+    args = list(argv)
+    recipe = {}
+    if "--config" in args:
+        at = args.index("--config")
+        if at + 1 >= len(args):
+            raise UserError("--config needs a recipe path, e.g. --config recipes/smoke.yaml")
+        recipe = read_recipe_file(args[at + 1])
+        del args[at : at + 2]
+
+    for name, value in (recipe.pop("env", None) or {}).items():
+        os.environ[str(name)] = str(value)
+
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    defaults = {}
+    for key, value in recipe.items():
+        if key not in actions:
+            raise UserError(f"unknown recipe key `{key}`{_closest(key, actions)}")
+        defaults[key] = _coerce(actions[key], key, value)
+    parser.set_defaults_with_config(**defaults)
+
+    for flag in _flag_names(args):
+        if flag not in actions and flag.replace("-", "_") not in actions:
+            raise UserError(f"unknown option `--{flag}`{_closest(flag, actions)}")
+    try:
+        data, training, model, unused = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    except ValueError as err:
+        message = str(err).splitlines()[0]
+        if "support bf16" in message:
+            message = (
+                "bf16 is on (TRL's default) but this machine has no bf16 support: set `bf16: false` in the recipe "
+                "or pass `--bf16 false`, and `--fp16 true` on a GPU without bf16"
+            )
+        raise UserError(f"invalid recipe value: {message}") from None
+    if unused:
+        raise UserError(f"could not use these command-line words: {' '.join(unused)}")
+    chosen = dict.fromkeys([*recipe, *(f.replace("-", "_") for f in _flag_names(args))])
+    return Recipe(data=data, training=training, model=model, chosen=chosen)
+
+
+def save_resolved_recipe(recipe: Recipe, output_dir: str) -> Path:
+    """Write the user's choices with their final values next to the trained adapter."""
+    path = Path(output_dir) / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.resolved(), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,50 @@
+"""The base model and tokenizer: where they come from and how they are loaded (4-bit NF4 + LoRA via TRL)."""
+
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer
+from trl import ModelConfig, SFTConfig
+
+from sft.errors import UserError
+from sft.template import training_chat_template
+
+logger = logging.getLogger(__name__)
+
+
+def check_model_source(name: str | None) -> None:
+    """A model is a local folder or a Hub id (`org/name`); anything else is a typo worth stopping for."""
+    if not name:
+        raise UserError("no model given: set `model_name_or_path` in the recipe")
+    if Path(name).is_dir():
+        return
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+    if not looks_like_hub_id:
+        hint = " (the smoke model is built by `make tiny-model`)" if "tiny" in name else ""
+        raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`{hint}")
+
+
+def load_tokenizer(model_args: ModelConfig, training_args: SFTConfig):
+    """The model's tokenizer with a training chat template that marks the assistant replies."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    tokenizer.chat_template = training_chat_template(tokenizer, training_args.chat_template_path)
+    training_args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
+    return tokenizer
+
+
+def model_init_kwargs(model_args: ModelConfig, training_args: SFTConfig) -> dict:
+    """`from_pretrained` arguments for SFTTrainer, recipe's `model_init_kwargs` winning."""
+    if training_args.trust_remote_code:
+        logger.warning("trust_remote_code is ON: code from the model repository will run on this machine")
+    kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs

@@ -1,0 +1,35 @@
+"""Fine-tune a chat model on LCCC dialogues with QLoRA.
+
+accelerate launch sft/run.py --config recipes/smoke.yaml [--any_training_argument value ...]
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # started as a file (`accelerate launch sft/run.py`): import the package instead
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from sft.config import parse_recipe  # noqa: E402
+from sft.data import load_conversations  # noqa: E402
+from sft.errors import exits_cleanly_on_user_error  # noqa: E402
+from sft.model import check_model_source  # noqa: E402
+
+
+@exits_cleanly_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    recipe = parse_recipe(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=recipe.training.get_process_log_level(),
+    )
+    check_model_source(recipe.model.model_name_or_path)
+    datasets = load_conversations(recipe.data, recipe.training.seed)
+
+    from sft.train import train  # imports the training stack only once the recipe is known to be good
+
+    return train(recipe, datasets)
+
+
+if __name__ == "__main__":
+    main()

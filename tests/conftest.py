@@ -1,0 +1,49 @@
+"""Shared fixtures: paths, the shared LCCC sample, the tiny smoke model, and a way to run commands."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+TINY_MODEL = ROOT / "build" / "tiny-llama"
+SMOKE_RECIPE = ROOT / "recipes" / "smoke.yaml"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: the shared LCCC sample and reference template are not available")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def toy_data(shared_dir) -> Path:
+    return shared_dir / "lccc" / "toy_data.json"
+
+
+@pytest.fixture(scope="session")
+def reference_template(shared_dir) -> str:
+    return (shared_dir / "reference" / "llama2-chat.jinja").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The smoke model, built on first use exactly as `make tiny-model` builds it."""
+    if not (TINY_MODEL / "config.json").exists():
+        from sft.tiny import build_tiny_llama
+
+        build_tiny_llama(str(TINY_MODEL))
+    return TINY_MODEL
+
+
+def run_command(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with this virtualenv's tools first on PATH."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    return subprocess.run(
+        args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
