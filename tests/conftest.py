@@ -12,6 +12,7 @@ SHARED = ROOT.parent / "shared"
 TINY_MODEL = ROOT / "build" / "tiny-llama"
 SMOKE_RECIPE = ROOT / "recipes" / "smoke.yaml"
 BIN = Path(sys.executable).parent
+LAUNCH = ["accelerate", "launch", "--quiet", "--config_file", "accelerate_configs/single_gpu.yaml", "sft/run.py"]
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +48,12 @@ def run_command(args: list[str], env: dict | None = None, timeout: int = 600) ->
     return subprocess.run(
         args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tiny_model, tmp_path_factory) -> Path:
+    """Output folder of one real smoke run (`accelerate launch sft/run.py --config recipes/smoke.yaml`)."""
+    output_dir = tmp_path_factory.mktemp("smoke") / "out"
+    result = run_command([*LAUNCH, "--config", "recipes/smoke.yaml", "--output_dir", str(output_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir

@@ -2,12 +2,10 @@
 
 import json
 
-import pytest
 import yaml
-from conftest import run_command
+from conftest import LAUNCH, run_command
 from safetensors import safe_open
 
-LAUNCH = ["accelerate", "launch", "--quiet", "--config_file", "accelerate_configs/single_gpu.yaml", "sft/run.py"]
 SUMMARY_KEYS = {
     "train_loss",
     "eval_loss",
@@ -18,14 +16,6 @@ SUMMARY_KEYS = {
     "peak_memory_mb",
     "versions",
 }
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tiny_model, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("smoke") / "out"
-    result = run_command([*LAUNCH, "--config", "recipes/smoke.yaml", "--output_dir", str(output_dir)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
 
 
 def test_smoke_run_saves_a_complete_output_folder(smoke_run):
