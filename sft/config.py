@@ -45,8 +45,30 @@ class DataArguments:
             raise ValueError(f"val_size must be in [0, 1), got {self.val_size}")
 
 
-RECIPE_DATACLASSES = (DataArguments, SFTConfig, ModelConfig)
-SECRET_KEY_PARTS = ("token", "api_key", "password", "secret")
+@dataclass
+class RunArguments:
+    """What to do with an output folder that already holds a run."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start from scratch: delete an earlier run's checkpoints and outputs in output_dir."},
+    )
+
+
+RECIPE_DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments)
+SECRET_KEYS = {"hub_token"}
+# Values no run can use: (part of the recipe, key, check, what is needed).
+VALUE_RULES = [
+    ("training", "learning_rate", lambda v: v > 0, "a positive number"),
+    ("training", "per_device_train_batch_size", lambda v: v >= 1, "at least 1"),
+    ("training", "gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
+    ("training", "num_train_epochs", lambda v: v > 0, "a positive number"),
+    ("training", "max_length", lambda v: v is None or v >= 8, "at least 8 tokens"),
+    ("training", "warmup_steps", lambda v: v >= 0, "zero or more"),
+    ("model", "lora_r", lambda v: v >= 1, "at least 1"),
+    ("model", "lora_alpha", lambda v: v > 0, "a positive number"),
+    ("model", "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+]
 
 
 class RecipeParser(TrlParser):
@@ -58,24 +80,23 @@ class RecipeParser(TrlParser):
 
 @dataclass
 class Recipe:
-    """The parsed arguments plus what the user chose explicitly (recipe keys and flags, flags winning)."""
+    """The parsed arguments, and the user's choices (recipe keys and flags) with their values as parsed."""
 
     data: DataArguments
     training: SFTConfig
     model: ModelConfig
-    chosen: dict
+    run: RunArguments
+    resolved: dict
 
-    def resolved(self) -> dict:
-        """The user's choices with their final values, secrets left out: what `recipe.yaml` records."""
-        out = {}
-        for key in self.chosen:
-            if any(part in key.lower() for part in SECRET_KEY_PARTS):
-                continue
-            for args in (self.data, self.training, self.model):
-                if hasattr(args, key):
-                    out[key] = _plain(getattr(args, key))
-                    break
-        return out
+
+def resolve_choices(chosen: list[str], parts: tuple) -> dict:
+    """The chosen keys with their final values, secrets left out: what `recipe.yaml` records."""
+    out = {}
+    for key in dict.fromkeys(chosen):
+        owner = next(part for part in parts if hasattr(part, key))
+        if key not in SECRET_KEYS:
+            out[key] = _plain(getattr(owner, key))
+    return out
 
 
 def _plain(value):
@@ -169,7 +190,9 @@ def parse_recipe(argv: list[str]) -> Recipe:
         if flag not in actions and flag.replace("-", "_") not in actions:
             raise UserError(f"unknown option `--{flag}`{_closest(flag, actions)}")
     try:
-        data, training, model, unused = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+        data, training, model, run, unused = parser.parse_args_into_dataclasses(
+            args=args, return_remaining_strings=True
+        )
     except ValueError as err:
         message = str(err).splitlines()[0]
         if "support bf16" in message:
@@ -180,12 +203,23 @@ def parse_recipe(argv: list[str]) -> Recipe:
         raise UserError(f"invalid recipe value: {message}") from None
     if unused:
         raise UserError(f"could not use these command-line words: {' '.join(unused)}")
-    chosen = dict.fromkeys([*recipe, *(f.replace("-", "_") for f in _flag_names(args))])
-    return Recipe(data=data, training=training, model=model, chosen=chosen)
+    chosen = [*recipe, *(f.replace("-", "_") for f in _flag_names(args))]
+    resolved = resolve_choices(chosen, (data, training, model, run))
+    parsed = Recipe(data=data, training=training, model=model, run=run, resolved=resolved)
+    check_values(parsed)
+    return parsed
+
+
+def check_values(recipe: Recipe) -> None:
+    """Refuse values that parse but no run can use (a negative learning rate, `lora_r: 0`, ...)."""
+    for part, key, is_valid, needed in VALUE_RULES:
+        value = getattr(getattr(recipe, part), key)
+        if not is_valid(value):
+            raise UserError(f"`{key}` must be {needed}, got {value!r}")
 
 
 def save_resolved_recipe(recipe: Recipe, output_dir: str) -> Path:
     """Write the user's choices with their final values next to the trained adapter."""
     path = Path(output_dir) / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe.resolved(), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(recipe.resolved, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path

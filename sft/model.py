@@ -3,6 +3,7 @@
 import logging
 from pathlib import Path
 
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from transformers import AutoTokenizer
 from trl import ModelConfig, SFTConfig
 
@@ -24,13 +25,28 @@ def check_model_source(name: str | None) -> None:
         raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`{hint}")
 
 
+def hub_error_message(name: str, err: OSError) -> str:
+    """What to do when a model cannot be fetched: gated, missing, or no connection."""
+    cause = err.__cause__ or err
+    if isinstance(cause, GatedRepoError):
+        return (
+            f"{name} is a gated model: accept its licence at https://huggingface.co/{name}, then log in with "
+            "`huggingface-cli login` (or set HF_TOKEN) with an account that has access"
+        )
+    if isinstance(cause, RepositoryNotFoundError):
+        return f"model {name} was not found on the Hub (if it is private, log in with `huggingface-cli login`)"
+    return f"could not load {name}: {str(err).splitlines()[0]}"
+
+
 def load_tokenizer(model_args: ModelConfig, training_args: SFTConfig):
     """The model's tokenizer with a training chat template that marks the assistant replies."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-    )
+    name = model_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except OSError as err:
+        raise UserError(hub_error_message(name, err)) from None
     tokenizer.chat_template = training_chat_template(tokenizer, training_args.chat_template_path)
     training_args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
     return tokenizer

@@ -1,19 +1,22 @@
 """Training: SFTTrainer on a 4-bit base with LoRA, loss on assistant replies only, and what a run leaves behind."""
 
-import json
 import logging
 import netrc
 import os
 import resource
+import shutil
+import signal
 import time
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from accelerate import PartialState
 from datasets import DatasetDict
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
+from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
 from sft.config import Recipe, save_resolved_recipe
 from sft.errors import UserError
 from sft.model import load_tokenizer, model_init_kwargs
@@ -116,19 +119,80 @@ def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss:
     }
 
 
-def train(recipe: Recipe, datasets: DatasetDict) -> dict:
-    """Train, then save the adapter, tokenizer, trainer state, resolved recipe and `run_summary.json`."""
+OOM_ADVICE = (
+    "CUDA ran out of memory. Use a smaller batch and keep the effective batch with gradient accumulation, "
+    "and shorter samples: --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --max_length 256 "
+    "(activation checkpointing stays on)"
+)
+
+
+def keep_hub_token_out_of_saved_files(args) -> None:
+    """A `hub_token` argument would be pickled into every checkpoint's training_args.bin: pass it via HF_TOKEN."""
+    if args.hub_token:
+        os.environ["HF_TOKEN"] = args.hub_token
+        args.hub_token = None
+
+
+def check_max_length_fits_a_turn(tokenizer, train_dataset, max_length: int | None) -> None:
+    """Stop when `max_length` cannot hold even the first turn of a sample: no reply would be left to learn."""
+    if max_length is None or "messages" not in train_dataset.column_names:
+        return
+    messages = train_dataset[0]["messages"]
+    first_turn = messages[: next(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1]
+    length = len(tokenizer.apply_chat_template(first_turn, return_dict=True)["input_ids"])
+    if length > max_length:
+        raise UserError(
+            f"max_length {max_length} is shorter than one turn: the first sample's first turn alone is "
+            f"{length} tokens; raise max_length"
+        )
+
+
+def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
+    """Train (resuming when the output folder holds an interrupted run), then publish the results atomically.
+
+    Returns the run summary, or None when a signal stopped the run after saving a checkpoint.
+    """
     args = recipe.training
+    output_dir = Path(args.output_dir)
+    keep_hub_token_out_of_saved_files(args)
+    state = PartialState()
+    with state.main_process_first():
+        resume = args.resume_from_checkpoint or checkpoint_to_resume(
+            args.output_dir, recipe.resolved, recipe.run.overwrite_output_dir
+        )
     use_wandb_offline_without_login(args.report_to, args.output_dir)
     trainer = build_trainer(recipe, datasets)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    summary = run_summary(trainer, time.perf_counter() - start, result.training_loss)
-    trainer.save_model(args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
+    check_max_length_fits_a_turn(trainer.processing_class, datasets["train"], args.max_length)
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_recipe(recipe, args.output_dir)
-        (Path(args.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        logger.info("run finished: adapter and run_summary.json in %s", args.output_dir)
+
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
+    start = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError:
+        raise UserError(OOM_ADVICE) from None
+    finally:
+        stopper.restore_handlers()
+    if stopper.received is not None:
+        logger.warning(
+            "stopped by %s at step %d with a checkpoint in %s; run the same command again to resume",
+            signal.Signals(stopper.received).name,
+            trainer.state.global_step,
+            latest_complete_checkpoint(output_dir),
+        )
+        return None
+
+    summary = run_summary(trainer, time.perf_counter() - start, result.training_loss)
+    staging = output_dir / ".final-save"
+    if state.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
+    if state.is_main_process:
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        publish_final_outputs(staging, output_dir, summary)
+        logger.info("run finished: adapter and run_summary.json in %s", output_dir)
     trainer.accelerator.end_training()
     return summary
