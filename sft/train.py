@@ -14,25 +14,30 @@ from urllib.parse import urlparse
 import torch
 from accelerate import PartialState
 from datasets import DatasetDict
-from trl import SFTTrainer, get_peft_config, get_quantization_config
+from trl import SFTTrainer, get_peft_config
 
 from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
 from sft.config import Recipe, save_resolved_recipe
 from sft.errors import UserError
-from sft.model import load_tokenizer, model_init_kwargs
+from sft.model import keep_packed_sequences_apart, load_tokenizer, model_init_kwargs, quantization_config
 
 logger = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
 
 
 class CountingSFTTrainer(SFTTrainer):
-    """SFTTrainer that also counts the tokens that carried loss during training."""
+    """SFTTrainer that also counts, in this process and session, the batch slots, real tokens and loss tokens."""
 
-    supervised_tokens = 0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_counts = [0, 0, 0]  # batch slots (padding included), real tokens, tokens that carried loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            self.supervised_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+            ids = inputs["input_ids"]
+            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
+            supervised = int((inputs["labels"][..., 1:] != -100).sum())
+            self.token_counts = [a + b for a, b in zip(self.token_counts, (ids.numel(), real, supervised), strict=True)]
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
@@ -74,9 +79,8 @@ def peak_memory_mb() -> tuple[float, str]:
 
 def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     args = recipe.training
-    if args.include_num_input_tokens_seen == "no":
-        args.include_num_input_tokens_seen = "non_padding"
     args.model_init_kwargs = model_init_kwargs(recipe.model, args)
+    keep_packed_sequences_apart(args, args.model_init_kwargs["attn_implementation"])
     tokenizer = load_tokenizer(recipe.model, args)
     evaluating = args.eval_strategy != "no"
     if evaluating and not len(datasets.get("validation", [])):
@@ -88,16 +92,15 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"] if evaluating else None,
         processing_class=tokenizer,
-        quantization_config=get_quantization_config(recipe.model),
+        quantization_config=quantization_config(recipe.model),
         peft_config=get_peft_config(recipe.model),
     )
 
 
 def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss: float) -> dict:
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
-    device = trainer.accelerator.device
-    supervised = trainer.accelerator.reduce(torch.tensor(trainer.supervised_tokens, device=device), "sum").item()
-    train_tokens = int(trainer.state.num_input_tokens_seen)
+    counts = trainer.accelerator.gather(torch.tensor([trainer.token_counts], device=trainer.accelerator.device))
+    slots, train_tokens, supervised = counts.sum(dim=0).tolist()
     memory, memory_kind = peak_memory_mb()
     return {
         "train_loss": train_loss,
@@ -109,7 +112,9 @@ def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss:
         "train_samples": len(trainer.train_dataset),
         "train_runtime_s": round(train_runtime_s, 3),
         "train_tokens": train_tokens,
-        "supervised_tokens": int(supervised),
+        "supervised_tokens": supervised,
+        "supervised_tokens_per_rank": counts[:, 2].tolist(),
+        "padding_share": round(1 - train_tokens / slots, 4) if slots else 0.0,
         "tokens_per_second": round(train_tokens / train_runtime_s, 2),
         "supervised_tokens_per_second": round(supervised / train_runtime_s, 2),
         "peak_memory_mb": round(memory, 1),
