@@ -6,11 +6,20 @@ RECIPE ?= recipes/smoke.yaml
 ARGS ?=
 ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
 TINY_MODEL := build/tiny-llama
+MODEL_PATH ?= output/smoke
+MERGED_DIR ?= $(MODEL_PATH)-merged
+SMOKE_OUTPUT := output/smoke
+LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) sft/run.py
+# eval/chat/merge of the default model train the smoke run first on a fresh clone.
+MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft tiny-model test lint clean
+.PHONY: help venv sft tiny-model eval chat merge test lint clean
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
+	@echo "make eval  [MODEL_PATH=output/smoke] [ARGS=--compare_base]         evaluate a trained run on its test split"
+	@echo "make chat  [MODEL_PATH=output/smoke]                               chat with it in the terminal"
+	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]              merge the adapter into a standalone model"
 	@echo "make test                                                       run the test suite"
 	@echo "make lint                                                       ruff"
 	@echo "make tiny-model                                                 build the smoke run's tiny model"
@@ -28,7 +37,19 @@ $(TINY_MODEL)/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample
 	$(PY) -m sft.tiny --output_dir $(TINY_MODEL)
 
 sft: $(VENV)/.installed $(TINY_MODEL)/config.json
-	$(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) sft/run.py --config $(RECIPE) $(ARGS)
+	$(LAUNCH) --config $(RECIPE) $(ARGS)
+
+$(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODEL)/config.json
+	$(LAUNCH) --config recipes/smoke.yaml
+
+eval: $(VENV)/.installed $(MODEL_DEPS)
+	$(PY) -m sft.evaluate --model_path $(MODEL_PATH) $(ARGS)
+
+chat: $(VENV)/.installed $(MODEL_DEPS)
+	$(PY) -m sft.chat --model_path $(MODEL_PATH) $(ARGS)
+
+merge: $(VENV)/.installed $(MODEL_DEPS)
+	$(PY) -m sft.merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
 
 test: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,175 @@
+"""Merge a trained LoRA adapter into its base model and save a standalone model that needs no peft.
+
+python -m sft.merge --model_path output/smoke --output_dir output/smoke-merged [--dtype bfloat16]
+
+The adapter was trained on a 4-bit base, but merging into 4-bit weights is lossy: the base is reloaded
+unquantized (bf16, or fp16 on a GPU without bf16; a float32 base, or any base on CPU, keeps its own dtype) and
+the adapter's update is added to those weights. The merged folder holds the model (safetensors), the tokenizer
+with the inference chat template, a copy of `recipe.yaml` and `merge_info.json`; it loads with
+`AutoModelForCausalLM.from_pretrained` or `pipeline("text-generation", model=...)`.
+"""
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # started as a file: import the package instead
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import torch  # noqa: E402
+
+from sft.errors import UserError, exits_cleanly_on_user_error  # noqa: E402
+from sft.inference import (  # noqa: E402
+    LOG_FORMAT,
+    MERGE_INFO,
+    CommandParser,
+    default_device,
+    load_base,
+    load_tokenizer,
+    quantization_label,
+    quiet_library_noise,
+    read_run,
+    torch_dtype,
+)
+
+logger = logging.getLogger(__name__)
+COPIED_FILES = ("recipe.yaml", "trainer_state.json", "run_summary.json")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+PROBE = [{"role": "user", "content": "你好，最近怎么样？"}]
+
+
+def stored_dtype(run) -> torch.dtype:
+    """The dtype the base checkpoint is stored in (config `dtype`), float32 when it does not say."""
+    from transformers import AutoConfig
+
+    args = run.model_args
+    config = AutoConfig.from_pretrained(
+        args.model_name_or_path, revision=args.model_revision, trust_remote_code=run.trust_remote_code
+    )
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return torch_dtype(dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+
+
+def merge_dtype(run, device: str, requested: str | None) -> torch.dtype:
+    """bf16/fp16 on a GPU for a half-precision base; the base's own dtype on CPU or for a float32 base."""
+    if requested and requested != "auto":
+        dtype = torch_dtype(requested)
+        if dtype not in (torch.float32, *HALF_DTYPES):
+            raise UserError(f"--dtype {requested}: merge into float32, bfloat16 or float16")
+        return dtype
+    own = stored_dtype(run)
+    if not device.startswith("cuda") or own == torch.float32:
+        return own
+    trained = torch_dtype(run.model_args.dtype) if run.model_args.dtype not in (None, "auto") else None
+    if trained in HALF_DTYPES and (trained != torch.bfloat16 or torch.cuda.is_bf16_supported()):
+        return trained
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.no_grad()
+def probe_logits(model, tokenizer) -> torch.Tensor:
+    from sft.inference import encode_prompt, render_prompt
+
+    batch = encode_prompt(tokenizer, render_prompt(tokenizer, PROBE), return_tensors="pt").to(model.device)
+    return model(**batch).logits.float().cpu()
+
+
+def check_output_dir(output_dir: Path, model_path: Path, overwrite: bool) -> None:
+    if output_dir.resolve() == model_path.resolve():
+        raise UserError("--output_dir must differ from --model_path: the merged model would overwrite the adapter")
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"{output_dir} exists and is not empty; choose another --output_dir or pass --overwrite")
+    if not (output_dir / MERGE_INFO).is_file():
+        raise UserError(f"--overwrite replaces only an earlier merge, and {output_dir} holds no {MERGE_INFO}")
+
+
+def merge(model_path: str, output_dir: str, dtype=None, device=None, base_model=None, overwrite=False) -> dict:
+    from peft import PeftModel
+
+    from sft.template import strip_generation_markers
+
+    run = read_run(model_path, base_model)
+    if not run.is_adapter:
+        raise UserError(f"{model_path} holds no LoRA adapter (adapter_config.json): nothing to merge")
+    out = Path(output_dir)
+    check_output_dir(out, run.model_path, overwrite)
+    device = device or default_device()
+    dtype = merge_dtype(run, device, dtype)
+    trained_on = quantization_label(run, None)
+    if trained_on != "none":
+        logger.info(
+            "the adapter was trained on a %s base; merging into quantized weights is lossy, so the base is "
+            "reloaded unquantized in %s, merged and saved in that dtype",
+            trained_on,
+            str(dtype).removeprefix("torch."),
+        )
+    tokenizer = load_tokenizer(run)
+    base = load_base(run, quantize=False, device=device, dtype=dtype)
+    model = PeftModel.from_pretrained(base, run.model_path).eval()
+    before = probe_logits(model, tokenizer)
+    logger.info("merging the adapter into the base weights")
+    merged = model.merge_and_unload()
+    after = probe_logits(merged, tokenizer)
+    max_diff = (after - before).abs().max().item()
+    logger.info(
+        "merged vs base + adapter, both unquantized %s: max |logit difference| on a probe %.3g",
+        str(dtype).removeprefix("torch."),
+        max_diff,
+    )
+
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.chat_template = strip_generation_markers(tokenizer.chat_template)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out)
+    for name in COPIED_FILES:
+        if (run.model_path / name).is_file():
+            shutil.copy2(run.model_path / name, out / name)
+    info = {
+        "base_model": run.base_model,
+        "adapter": str(run.model_path),
+        "dtype": str(dtype).removeprefix("torch."),
+        "adapter_trained_on": trained_on,
+        "probe_max_abs_logit_diff": max_diff,
+    }
+    if trained_on != "none":
+        info["note"] = f"merged into an unquantized {info['dtype']} copy of the base, not into the {trained_on} one"
+    (out / MERGE_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    logger.info("merged model and tokenizer saved to %s", out)
+    return info
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="python -m sft.merge", description=__doc__.splitlines()[0])
+    parser.add_argument("--model_path", required=True, help="training output folder holding the LoRA adapter")
+    parser.add_argument("--output_dir", help="where the merged model goes (default: <model_path>-merged)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the merged weights (default: bf16 or fp16 on a GPU; on CPU or for a float32 base its own)",
+    )
+    parser.add_argument("--base_model", help="base model folder or Hub id (default: the adapter's own)")
+    parser.add_argument("--device", help="where to merge: cuda, cpu (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier merge in --output_dir")
+    return parser
+
+
+@exits_cleanly_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
+    quiet_library_noise()
+    output_dir = args.output_dir or f"{str(args.model_path).rstrip('/')}-merged"
+    info = merge(args.model_path, output_dir, args.dtype, args.device, args.base_model, args.overwrite)
+    print(f"merged model ({info['dtype']}) written to {output_dir}")
+    return info
+
+
+if __name__ == "__main__":
+    main()
