@@ -13,10 +13,12 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft tiny-model eval chat merge test lint clean
+.PHONY: help venv sft data tiny-model eval chat merge test lint clean bench-data
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
+	@echo "make data [RECIPE=...] [ARGS='--flag value ...']                prepare a recipe's data alone (stats.json)"
+	@echo "make bench-data [ARGS='--dialogues 1000000']                   time data preparation on synthetic LCCC"
 	@echo "make eval  [MODEL_PATH=output/smoke] [ARGS=--compare_base]         evaluate a trained run on its test split"
 	@echo "make chat  [MODEL_PATH=output/smoke]                               chat with it in the terminal"
 	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]              merge the adapter into a standalone model"
@@ -38,6 +40,12 @@ $(TINY_MODEL)/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample
 
 sft: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(LAUNCH) --config $(RECIPE) $(ARGS)
+
+data: $(VENV)/.installed $(TINY_MODEL)/config.json
+	$(PY) -m sft.data --config $(RECIPE) $(ARGS)
+
+bench-data: $(VENV)/.installed
+	$(PY) benchmarks/bench_data.py $(ARGS)
 
 $(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(LAUNCH) --config recipes/smoke.yaml

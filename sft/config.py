@@ -19,30 +19,85 @@ from sft.errors import UserError
 
 @dataclass
 class DataArguments:
-    """Where the dialogues come from and how they become chat samples."""
+    """Where the dialogues come from, how they are cleaned and how they become chat samples (see sft/data.py)."""
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Local LCCC file (JSON with train/valid/test) or a Hub dataset id such as thu-coai/lccc."},
+        metadata={
+            "help": "A Hub dataset id (thu-coai/lccc) or a local file: LCCC JSON, JSON list, JSONL, tab-separated "
+            ".txt/.tsv or .parquet, optionally .gz-compressed."
+        },
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. `base`."})
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Hub dataset config: `base` (the default for LCCC) or `large`."}
+    )
+    dialogue_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Field holding each dialogue; default: dialog, dialogue, conversation, utterances or messages."
+        },
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Read at most this many dialogues from each split of the source."}
+    )
     max_turns: int = field(
         default=3,
         metadata={"help": "Most turns (one user message plus its reply) in one training sample."},
+    )
+    sample_format: str = field(
+        default="multi_turn",
+        metadata={
+            "help": "multi_turn: one sample per window of turns, every reply a target; per_turn: one sample per "
+            "reply with the history as prompt (prompt/completion).",
+            "choices": ["multi_turn", "per_turn"],
+        },
+    )
+    both_speakers: bool = field(
+        default=False,
+        metadata={"help": "Also train on the other speaker's replies (each dialogue again, shifted by one)."},
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt put before every sample."})
+    max_utterance_length: int | None = field(
+        default=None,
+        metadata={"help": "Cut a dialogue before its first utterance longer than this many characters."},
     )
     val_size: float = field(
         default=0.1,
         metadata={"help": "Share of dialogues held out for evaluation when the data has no validation split."},
     )
+    test_size: float = field(
+        default=0.05,
+        metadata={"help": "Share of dialogues held out as the test split when the data has none."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval samples."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System prompt put before every sample."})
+    max_malformed_share: float = field(
+        default=0.01,
+        metadata={"help": "Skip malformed records up to this share of the source; stop when there are more."},
+    )
+    processed_dir: str = field(
+        default="data/processed",
+        metadata={"help": "Cache of prepared data: one folder per set of data arguments, reused while unchanged."},
+    )
+    num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for cleaning and conversion; default: all cores for large data."}
+    )
 
     def __post_init__(self):
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be at least 1, got {self.max_turns}")
-        if not 0 <= self.val_size < 1:
-            raise ValueError(f"val_size must be in [0, 1), got {self.val_size}")
+        if self.sample_format not in ("multi_turn", "per_turn"):
+            raise ValueError(f"sample_format must be multi_turn or per_turn, got {self.sample_format!r}")
+        for name in ("val_size", "test_size"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.val_size + self.test_size >= 1:
+            raise ValueError(f"val_size + test_size must be below 1, got {self.val_size + self.test_size}")
+        for name in ("max_samples", "max_utterance_length", "max_train_samples", "max_eval_samples", "num_proc"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.max_malformed_share <= 1:
+            raise ValueError(f"max_malformed_share must be in [0, 1], got {self.max_malformed_share}")
 
 
 @dataclass
