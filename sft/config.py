@@ -184,7 +184,21 @@ def read_recipe_file(path: str) -> dict:
     return recipe
 
 
-def _closest(key: str, known) -> str:
+def take_recipe(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split `--config recipe.yaml` off the command line: the recipe (its `env:` applied) and the other words."""
+    args, recipe = list(argv), {}
+    if "--config" in args:
+        at = args.index("--config")
+        if at + 1 >= len(args):
+            raise UserError("--config needs a recipe path, e.g. --config recipes/smoke.yaml")
+        recipe = read_recipe_file(args[at + 1])
+        del args[at : at + 2]
+    for name, value in (recipe.pop("env", None) or {}).items():
+        os.environ[str(name)] = str(value)
+    return recipe, args
+
+
+def did_you_mean(key: str, known) -> str:
     match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f" (did you mean `{match[0]}`?)" if match else ""
 
@@ -221,29 +235,18 @@ def _flag_names(cli_args: list[str]) -> list[str]:
 def parse_recipe(argv: list[str]) -> Recipe:
     """Parse `--config recipe.yaml` plus `--flag value` overrides into checked dataclasses."""
     parser = RecipeParser(RECIPE_DATACLASSES)
-    args = list(argv)
-    recipe = {}
-    if "--config" in args:
-        at = args.index("--config")
-        if at + 1 >= len(args):
-            raise UserError("--config needs a recipe path, e.g. --config recipes/smoke.yaml")
-        recipe = read_recipe_file(args[at + 1])
-        del args[at : at + 2]
-
-    for name, value in (recipe.pop("env", None) or {}).items():
-        os.environ[str(name)] = str(value)
-
+    recipe, args = take_recipe(argv)
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     defaults = {}
     for key, value in recipe.items():
         if key not in actions:
-            raise UserError(f"unknown recipe key `{key}`{_closest(key, actions)}")
+            raise UserError(f"unknown recipe key `{key}`{did_you_mean(key, actions)}")
         defaults[key] = _coerce(actions[key], key, value)
     parser.set_defaults_with_config(**defaults)
 
     for flag in _flag_names(args):
         if flag not in actions and flag.replace("-", "_") not in actions:
-            raise UserError(f"unknown option `--{flag}`{_closest(flag, actions)}")
+            raise UserError(f"unknown option `--{flag}`{did_you_mean(flag, actions)}")
     try:
         data, training, model, run, unused = parser.parse_args_into_dataclasses(
             args=args, return_remaining_strings=True

@@ -40,7 +40,7 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from filelock import FileLock
 from trl.data_utils import common_prefix_length
 
-from sft.config import RECIPE_DATACLASSES, DataArguments, RecipeParser, _closest, read_recipe_file
+from sft.config import RECIPE_DATACLASSES, DataArguments, RecipeParser, did_you_mean, take_recipe
 from sft.errors import UserError, exits_cleanly_on_user_error
 
 logger = logging.getLogger(__name__)
@@ -949,27 +949,20 @@ class PrepareArguments:
 
 def parse_prepare_command(argv: list[str]) -> tuple[DataArguments, PrepareArguments]:
     """`--config recipe.yaml` plus flags (flags win); of the recipe, preparation uses what it needs."""
-    args, recipe = list(argv), {}
-    if "--config" in args:
-        at = args.index("--config")
-        if at + 1 >= len(args):
-            raise UserError("--config needs a recipe path, e.g. --config recipes/smoke.yaml")
-        recipe = read_recipe_file(args[at + 1])
-        del args[at : at + 2]
-    for name, value in (recipe.pop("env", None) or {}).items():
-        os.environ[str(name)] = str(value)
+    recipe, args = take_recipe(argv)
     parser = RecipeParser((DataArguments, PrepareArguments))
     options = {action.dest for action in parser._actions}
     recipe_keys = {f.name for part in RECIPE_DATACLASSES for f in dataclasses.fields(part)}
     from_recipe = []
     for key, value in recipe.items():
         if key not in recipe_keys:
-            raise UserError(f"unknown recipe key `{key}`{_closest(key, recipe_keys)}")
+            raise UserError(f"unknown recipe key `{key}`{did_you_mean(key, recipe_keys)}")
         if key in options and key != "output_dir" and value is not None:  # the recipe's output_dir is training's
             from_recipe += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     for flag in (arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")):
         if flag not in options:
-            raise UserError(f"unknown option `--{flag}`{_closest(flag, options)}: python -m sft.data --help lists them")
+            hint = did_you_mean(flag, options)
+            raise UserError(f"unknown option `--{flag}`{hint}: python -m sft.data --help lists them")
     try:
         data, command = parser.parse_args_into_dataclasses(args=from_recipe + args)
     except ValueError as err:
