@@ -13,18 +13,20 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft data tiny-model eval chat merge test lint clean bench-data
+.PHONY: help venv sft data tiny-model eval chat merge test lint clean bench-data bench bench-gpu
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
-	@echo "make data [RECIPE=...] [ARGS='--flag value ...']                prepare a recipe's data alone (stats.json)"
-	@echo "make bench-data [ARGS='--dialogues 1000000']                   time data preparation on synthetic LCCC"
-	@echo "make eval  [MODEL_PATH=output/smoke] [ARGS=--compare_base]         evaluate a trained run on its test split"
-	@echo "make chat  [MODEL_PATH=output/smoke]                               chat with it in the terminal"
-	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]              merge the adapter into a standalone model"
+	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
+	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
+	@echo "make chat [MODEL_PATH=output/smoke]                             chat with it in the terminal"
+	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]           merge the adapter into a standalone model"
 	@echo "make test                                                       run the test suite"
 	@echo "make lint                                                       ruff"
 	@echo "make tiny-model                                                 build the smoke run's tiny model"
+	@echo "make bench-data [ARGS='--dialogues 1000000']                    time data preparation on synthetic LCCC"
+	@echo "make bench [ARGS='--repeats 3']                                 CPU speed: our launcher vs TRL's trl sft"
+	@echo "make bench-gpu [ARGS='--variants sdpa,fa2']                     QLoRA speed of a Llama-2-7B shape on one GPU"
 
 venv: $(VENV)/.installed
 
@@ -46,6 +48,12 @@ data: $(VENV)/.installed $(TINY_MODEL)/config.json
 
 bench-data: $(VENV)/.installed
 	$(PY) benchmarks/bench_data.py $(ARGS)
+
+bench: $(VENV)/.installed $(TINY_MODEL)/config.json
+	$(PY) benchmarks/bench_speed.py $(ARGS)
+
+bench-gpu: $(VENV)/.installed
+	$(PY) benchmarks/bench_gpu.py $(ARGS)
 
 $(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(LAUNCH) --config recipes/smoke.yaml

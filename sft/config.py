@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from trl import ModelConfig, SFTConfig, TrlParser
 
@@ -242,6 +243,8 @@ def parse_recipe(argv: list[str]) -> Recipe:
         if key not in actions:
             raise UserError(f"unknown recipe key `{key}`{did_you_mean(key, actions)}")
         defaults[key] = _coerce(actions[key], key, value)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        defaults.setdefault("use_cpu", True)  # several processes and no GPU: train together on the CPU (gloo)
     parser.set_defaults_with_config(**defaults)
 
     for flag in _flag_names(args):

@@ -69,15 +69,16 @@ def attention_implementation(requested: str | None) -> str:
     return "sdpa"
 
 
-def uses_fsdp() -> bool:
-    return PartialState().distributed_type == DistributedType.FSDP
+def shards_weights() -> bool:
+    """FSDP and DeepSpeed ZeRO split the weights across processes: they place the model themselves."""
+    return PartialState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def model_init_kwargs(model_args: ModelConfig, training_args: SFTConfig) -> dict:
     """`from_pretrained` arguments for SFTTrainer, recipe's `model_init_kwargs` winning.
 
-    Placement follows TRL: one device map per process on one GPU, none under DDP/ZeRO-3 (the trainer places the
-    model); under FSDP the trainer shards it, so no device map there either.
+    Placement follows TRL: the whole model on the one GPU of a single process, no device map under DDP (the
+    trainer puts one full copy on each process's GPU) nor under FSDP/ZeRO-3, which shard it themselves.
     """
     if training_args.trust_remote_code:
         logger.warning("trust_remote_code is ON: code from the model repository will run on this machine")
@@ -87,15 +88,15 @@ def model_init_kwargs(model_args: ModelConfig, training_args: SFTConfig) -> dict
         "attn_implementation": attention_implementation(model_args.attn_implementation),
         "dtype": model_args.dtype,
     }
-    if uses_fsdp():
+    if shards_weights():
         kwargs["device_map"] = None
     kwargs.update(training_args.model_init_kwargs or {})
     return kwargs
 
 
 def quantization_config(model_args: ModelConfig):
-    """TRL's BitsAndBytesConfig; under FSDP the 4-bit storage dtype must equal the compute dtype to be sharded."""
-    if model_args.load_in_4bit and uses_fsdp() and model_args.bnb_4bit_quant_storage is None:
+    """TRL's BitsAndBytesConfig; FSDP/ZeRO-3 shard 4-bit weights only when stored in the compute dtype."""
+    if model_args.load_in_4bit and shards_weights() and model_args.bnb_4bit_quant_storage is None:
         model_args = dataclasses.replace(model_args, bnb_4bit_quant_storage=model_args.dtype)
     return get_quantization_config(model_args)
 

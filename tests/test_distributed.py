@@ -1,0 +1,143 @@
+"""Several processes: a real 2-process run on CPU (gloo), and the launch configurations and SLURM script."""
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+from conftest import LAUNCH, ROOT, run_command
+
+CONFIGS = ROOT / "accelerate_configs"
+TWO_PROCESSES = ["accelerate", "launch", "--quiet", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft/run.py"]
+# 96 samples: 12 full batches of 8 on one process, 6 full batches of 8 on each of two (no partial last batch,
+# which Accelerate would complete with samples from the epoch's start on one rank).
+SHORT_RUN = [
+    "--config",
+    "recipes/smoke.yaml",
+    "--num_train_epochs",
+    "1",
+    "--max_train_samples",
+    "96",
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+    "--log_level",
+    "info",
+    "--log_level_replica",
+    "info",
+]
+
+
+@dataclass
+class Run:
+    output_dir: Path
+    summary: dict
+    log: str
+
+
+def launch(command: list[str], output_dir: Path) -> Run:
+    """Run a short smoke training into `output_dir` and return what it left and logged."""
+    result = run_command([*command, *SHORT_RUN, "--output_dir", str(output_dir)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Run(output_dir, json.loads((output_dir / "run_summary.json").read_text()), result.stderr)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, tmp_path_factory) -> Run:
+    return launch(LAUNCH, tmp_path_factory.mktemp("one") / "out")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_model, tmp_path_factory) -> Run:
+    return launch(TWO_PROCESSES, tmp_path_factory.mktemp("two") / "out")  # no GPU: use_cpu is set by itself
+
+
+def test_the_two_ranks_see_different_halves_of_the_epoch(one_process, two_processes):
+    """Each rank counts the supervised tokens of the batches it trained on. The counts differ, so the ranks did
+    not see the same batches, and they add up to exactly the tokens one process sees in the same epoch, so
+    together the two ranks saw every example once: none twice, none left out."""
+    single, double = one_process.summary, two_processes.summary
+    per_rank = double["supervised_tokens_per_rank"]
+    assert double["num_processes"] == 2 and len(per_rank) == 2
+    assert per_rank[0] != per_rank[1] and min(per_rank) > 0
+    assert sum(per_rank) == double["supervised_tokens"] == single["supervised_tokens"]
+
+
+def test_two_processes_take_half_the_optimizer_steps(one_process, two_processes):
+    """Same per-device batch (8) and no gradient accumulation: one process takes an optimizer step per batch of
+    8, two processes take one step per 8 + 8 = 16 samples (DDP averages the two ranks' gradients into one
+    update). The global batch doubles, so one epoch of 96 samples takes 96 / 16 = 6 steps instead of
+    96 / 8 = 12. (With the global batch held equal, i.e. 4 per device, the step count would stay 12.)"""
+    single, double = one_process.summary, two_processes.summary
+    assert single["global_step"] == 96 // 8 == 12
+    assert double["global_step"] == single["global_step"] // 2 == 6
+    assert double["epochs"] == single["epochs"] == 1.0
+
+
+def test_only_rank_zero_writes_the_output(one_process, two_processes):
+    """Both ranks log at INFO (`--log_level_replica info`), yet the final save and its log line happen once, and
+    the folder holds the same single set of files as a one-process run's, nothing half-written left behind."""
+    assert two_processes.log.count("run finished: adapter and run_summary.json in") == 1
+    files = {path.name for path in two_processes.output_dir.iterdir()}
+    assert files == {path.name for path in one_process.output_dir.iterdir()}
+    assert {"adapter_model.safetensors", "recipe.yaml", "run_summary.json", "trainer_state.json"} <= files
+    recipe = yaml.safe_load((two_processes.output_dir / "recipe.yaml").read_text())
+    assert recipe["output_dir"] == str(two_processes.output_dir)
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_every_launch_config_loads_with_accelerate(name):
+    config = load_config_from_file(str(CONFIGS / name))
+    assert config.num_processes >= 1 and config.num_machines >= 1
+    if config.distributed_type == DistributedType.FSDP:
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_sync_module_states"]
+        assert fsdp["fsdp_use_orig_params"] is False  # PEFT's FSDP-QLoRA setting
+    if config.distributed_type == DistributedType.DEEPSPEED:
+        assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_init_flag"]
+
+
+def test_the_multi_node_example_names_every_machine_setting():
+    config = load_config_from_file(str(CONFIGS / "multi_node.yaml"))
+    assert config.num_machines > 1 and config.num_processes % config.num_machines == 0
+    assert config.main_process_ip and config.main_process_port and config.machine_rank == 0
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text(f"#!/bin/bash\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_the_slurm_script_starts_accelerate_on_every_node_with_its_rank(tmp_path):
+    """With `srun` and `scontrol` stubbed (two nodes), each node's launcher gets its own machine_rank and node
+    0's hostname as the main process address."""
+    bin_dir, venv_bin = tmp_path / "bin", tmp_path / "venv" / "bin"
+    bin_dir.mkdir()
+    venv_bin.mkdir(parents=True)
+    _stub(bin_dir / "scontrol", "printf 'gpu-node-07\\ngpu-node-08\\n'")
+    _stub(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\nfor id in 0 1; do SLURM_NODEID=$id "$@"; done')
+    _stub(venv_bin / "accelerate", 'echo "node $SLURM_NODEID: $*"')
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "VENV": str(tmp_path / "venv"),
+        "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
+        "SLURM_NNODES": "2",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+    }
+    script = ["bash", "accelerate_configs/slurm_multi_node.sh", "recipes/lccc_base.yaml", "--seed", "1"]
+    result = run_command(script, env)
+    assert result.returncode == 0, result.stderr
+    launches = [line for line in result.stdout.splitlines() if line.startswith("node ")]
+    assert len(launches) == 2
+    for rank, line in enumerate(launches):
+        assert f"--machine_rank {rank} " in line
+        assert "--num_machines 2 --num_processes 8 " in line
+        assert "--main_process_ip gpu-node-07 " in line
+        assert line.endswith("sft/run.py --config recipes/lccc_base.yaml --seed 1")
