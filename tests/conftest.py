@@ -57,3 +57,19 @@ def smoke_run(tiny_model, tmp_path_factory) -> Path:
     result = run_command([*LAUNCH, "--config", "recipes/smoke.yaml", "--output_dir", str(output_dir)])
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizer(smoke_run):
+    """The smoke run's tokenizer, loaded as `make eval` and `make chat` load it."""
+    from sft.inference import load_tokenizer, read_run
+
+    return load_tokenizer(read_run(str(smoke_run)))
+
+
+@pytest.fixture(scope="session")
+def trained_model(smoke_run):
+    """The smoke run's 4-bit base plus adapter on the CPU, loaded as `make eval` and `make chat` load it."""
+    from sft.inference import load_model, read_run
+
+    return load_model(read_run(str(smoke_run)), device="cpu")

@@ -11,27 +11,12 @@ from conftest import BIN, ROOT
 
 import sft.chat
 from sft.chat import ASSISTANT_PROMPT, ChatSession, MessageTooLong, interactive, main
-from sft.inference import generation_kwargs, load_model, load_tokenizer, read_run
+from sft.inference import generation_kwargs
 
 
-@pytest.fixture(scope="module")
-def run(smoke_run):
-    return read_run(str(smoke_run))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(run):
-    return load_tokenizer(run)
-
-
-@pytest.fixture(scope="module")
-def model(run):
-    return load_model(run, device="cpu")
-
-
-def session_for(model, tokenizer, max_context=1024, max_new_tokens=6, **kwargs):
-    generation = generation_kwargs(tokenizer, max_new_tokens, False, 0.9, 0.7)
-    return ChatSession(model, tokenizer, max_context=max_context, generation=generation, **kwargs)
+def session_for(trained_model, trained_tokenizer, max_context=1024, max_new_tokens=6, **kwargs):
+    generation = generation_kwargs(trained_tokenizer, max_new_tokens, False, 0.9, 0.7)
+    return ChatSession(trained_model, trained_tokenizer, max_context=max_context, generation=generation, **kwargs)
 
 
 def turn(user, reply):
@@ -65,7 +50,7 @@ def test_message_mode_replies_once_per_message_and_keeps_history(smoke_run, caps
     assert all(reply in out for reply in replies)
 
 
-def test_replies_stream_token_by_token(model, tokenizer, monkeypatch):
+def test_replies_stream_token_by_token(trained_model, trained_tokenizer, monkeypatch):
     pieces = []
 
     class RecordingStreamer(transformers.TextStreamer):
@@ -73,7 +58,7 @@ def test_replies_stream_token_by_token(model, tokenizer, monkeypatch):
             pieces.append(text)
 
     monkeypatch.setattr(sft.chat, "TextStreamer", RecordingStreamer)
-    session = session_for(model, tokenizer, max_new_tokens=8)
+    session = session_for(trained_model, trained_tokenizer, max_new_tokens=8)
     session.generation["min_new_tokens"] = 8
     reply = session.reply("你好")
     assert len([p for p in pieces if p]) > 1  # several pieces, not one block at the end
@@ -81,38 +66,38 @@ def test_replies_stream_token_by_token(model, tokenizer, monkeypatch):
     assert session.history == turn("你好", reply)
 
 
-def test_history_is_kept_in_the_prompt(tokenizer):
-    session = session_for(None, tokenizer, system_prompt="你是一个友好的助手。")
+def test_history_is_kept_in_the_prompt(trained_tokenizer):
+    session = session_for(None, trained_tokenizer, system_prompt="你是一个友好的助手。")
     session.history = turn("第一句", "第一个回答") + turn("第二句", "第二个回答")
-    prompt = tokenizer.decode(session.prompt_ids("第三句"))
+    prompt = trained_tokenizer.decode(session.prompt_ids("第三句"))
     assert prompt.index("友好的助手") < prompt.index("第一句") < prompt.index("第二个回答") < prompt.index("第三句")
     assert prompt.rstrip().endswith("[/INST]") and prompt.count("<s>") == 3
 
 
-def test_history_is_trimmed_from_the_oldest_turn_when_the_context_fills(tokenizer):
+def test_history_is_trimmed_from_the_oldest_turn_when_the_context_fills(trained_tokenizer):
     turns = turn("第一句话比较长一些", "第一个回答") + turn("第二句", "第二个回答") + turn("第三句", "第三个回答")
-    roomy = session_for(None, tokenizer, max_new_tokens=6, max_context=10_000)
+    roomy = session_for(None, trained_tokenizer, max_new_tokens=6, max_context=10_000)
     roomy.history = turns[2:]
     two_turns = len(roomy.prompt_ids("新的问题"))
-    session = session_for(None, tokenizer, max_new_tokens=6, max_context=two_turns + 6)
+    session = session_for(None, trained_tokenizer, max_new_tokens=6, max_context=two_turns + 6)
     session.history = list(turns)
     ids = session.prompt_ids("新的问题")
     assert len(ids) + 6 <= session.max_context
     assert session.history == turns[2:] and session.dropped_turns == 1
-    prompt = tokenizer.decode(ids)
+    prompt = trained_tokenizer.decode(ids)
     assert "第一句" not in prompt and "第二句" in prompt and "新的问题" in prompt
 
 
-def test_a_message_too_long_for_the_context_is_refused_and_history_kept(tokenizer):
-    session = session_for(None, tokenizer, max_context=20, max_new_tokens=6)
+def test_a_message_too_long_for_the_context_is_refused_and_history_kept(trained_tokenizer):
+    session = session_for(None, trained_tokenizer, max_context=20, max_new_tokens=6)
     session.history = turn("你好", "好")
     with pytest.raises(MessageTooLong):
         session.prompt_ids("这是一句非常非常长的话，" * 5)
     assert session.history == turn("你好", "好")
 
 
-def test_end_of_input_ends_the_chat(model, tokenizer, capsys):
-    session = session_for(model, tokenizer)
+def test_end_of_input_ends_the_chat(trained_model, trained_tokenizer, capsys):
+    session = session_for(trained_model, trained_tokenizer)
     interactive(session, io.StringIO("你好\n"))
     assert len(session.history) == 2
     assert capsys.readouterr().out.count(ASSISTANT_PROMPT) == 1

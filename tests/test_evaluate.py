@@ -9,7 +9,7 @@ import torch
 from conftest import run_command
 
 from sft.evaluate import average_length, bleu, distinct, generate_replies, main, reply_metrics, reply_perplexity
-from sft.inference import encode_prompt, load_model, load_tokenizer, read_run, render_prompt
+from sft.inference import encode_prompt, render_prompt
 
 # --- Metrics against values worked out by hand. ------------------------------------------------------------------
 
@@ -87,59 +87,53 @@ class Uniform(torch.nn.Module):
         return type("Output", (), {"logits": torch.zeros(*input_ids.shape, self.vocab_size)})
 
 
-@pytest.fixture(scope="module")
-def run(smoke_run):
-    return read_run(str(smoke_run))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(run):
-    return load_tokenizer(run)
-
-
-@pytest.fixture(scope="module")
-def model(run):
-    return load_model(run, device="cpu")
-
-
-def reply_token_count(tokenizer, messages, last_only=False) -> int:
+def reply_token_count(trained_tokenizer, messages, last_only=False) -> int:
     """Tokens of each reply: the conversation up to and with it, minus the prompt that asks for it."""
     count = 0
     for end, message in enumerate(messages):
         if message["role"] == "assistant" and (end == len(messages) - 1 or not last_only):
-            with_reply = tokenizer.apply_chat_template(messages[: end + 1], return_dict=True)["input_ids"]
-            prompt = encode_prompt(tokenizer, render_prompt(tokenizer, messages[:end]))["input_ids"]
+            with_reply = trained_tokenizer.apply_chat_template(messages[: end + 1], return_dict=True)["input_ids"]
+            prompt = encode_prompt(trained_tokenizer, render_prompt(trained_tokenizer, messages[:end]))["input_ids"]
             assert with_reply[: len(prompt)] == prompt
             count += len(with_reply) - len(prompt)
     return count
 
 
-def test_perplexity_counts_the_reply_tokens_only(tokenizer):
+def test_perplexity_counts_the_reply_tokens_only(trained_tokenizer):
     conversations = CONVERSATIONS[:2]
-    result = reply_perplexity(Uniform(len(tokenizer)), tokenizer, conversations, max_length=256, batch_size=2)
-    assert result["perplexity"] == pytest.approx(len(tokenizer))
-    assert result["reply_tokens"] == sum(reply_token_count(tokenizer, m) for m in conversations)
-    last_only = reply_perplexity(Uniform(len(tokenizer)), tokenizer, conversations, 256, 2, last_reply_only=True)
-    assert last_only["reply_tokens"] == sum(reply_token_count(tokenizer, m, last_only=True) for m in conversations)
+    result = reply_perplexity(
+        Uniform(len(trained_tokenizer)), trained_tokenizer, conversations, max_length=256, batch_size=2
+    )
+    assert result["perplexity"] == pytest.approx(len(trained_tokenizer))
+    assert result["reply_tokens"] == sum(reply_token_count(trained_tokenizer, m) for m in conversations)
+    last_only = reply_perplexity(
+        Uniform(len(trained_tokenizer)), trained_tokenizer, conversations, 256, 2, last_reply_only=True
+    )
+    assert last_only["reply_tokens"] == sum(
+        reply_token_count(trained_tokenizer, m, last_only=True) for m in conversations
+    )
     assert last_only["reply_tokens"] < result["reply_tokens"]
 
 
-def test_perplexity_does_not_depend_on_batching(model, tokenizer):
+def test_perplexity_does_not_depend_on_batching(trained_model, trained_tokenizer):
     conversations = CONVERSATIONS[:2]
-    one_by_one = reply_perplexity(model, tokenizer, conversations, max_length=256, batch_size=1)
-    together = reply_perplexity(model, tokenizer, conversations, max_length=256, batch_size=2)
+    one_by_one = reply_perplexity(trained_model, trained_tokenizer, conversations, max_length=256, batch_size=1)
+    together = reply_perplexity(trained_model, trained_tokenizer, conversations, max_length=256, batch_size=2)
     assert together["reply_tokens"] == one_by_one["reply_tokens"]
     assert together["perplexity"] == pytest.approx(one_by_one["perplexity"], rel=1e-4)
 
 
-def test_batched_left_padded_generation_matches_one_by_one_and_is_seeded(model, tokenizer):
+def test_batched_left_padded_generation_matches_one_by_one_and_is_seeded(trained_model, trained_tokenizer):
     contexts = [CONVERSATIONS[0][:1], CONVERSATIONS[1][:3], CONVERSATIONS[2]]
     settings = {"max_new_tokens": 6, "top_p": 0.9, "temperature": 0.7, "seed": 7, "batch_size": 3}
-    batched = generate_replies(model, tokenizer, contexts, settings, sample=False)
-    single = [generate_replies(model, tokenizer, [c], {**settings, "batch_size": 1}, sample=False)[0] for c in contexts]
+    batched = generate_replies(trained_model, trained_tokenizer, contexts, settings, sample=False)
+    single = [
+        generate_replies(trained_model, trained_tokenizer, [c], {**settings, "batch_size": 1}, sample=False)[0]
+        for c in contexts
+    ]
     assert batched == single
-    sampled = generate_replies(model, tokenizer, contexts, settings, sample=True)
-    assert generate_replies(model, tokenizer, contexts, settings, sample=True) == sampled
+    sampled = generate_replies(trained_model, trained_tokenizer, contexts, settings, sample=True)
+    assert generate_replies(trained_model, trained_tokenizer, contexts, settings, sample=True) == sampled
 
 
 # --- End to end on the smoke run. ----------------------------------------------------------------------------------
