@@ -29,6 +29,10 @@ MAIN_PROCESS_IP=${HOSTS[0]}
 MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
+# On SIGTERM torchrun passes the signal on and kills the workers after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+# (30 by default): leave them the time SLURM gives (--signal=TERM@120) to finish the step and save a checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
+
 cd "${SLURM_SUBMIT_DIR:-.}"
 echo "nodes: $SLURM_JOB_NODELIST; main process: $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT; $NUM_PROCESSES processes"
 

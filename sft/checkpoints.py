@@ -51,8 +51,17 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
     return sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
 
 
+def looks_like_a_run(folder: Path) -> bool:
+    return (folder / RECIPE_FILE).is_file() or (folder / FINISHED_MARKER).is_file() or bool(checkpoints(folder))
+
+
 def clear_earlier_run(output_dir: Path) -> None:
     """Delete what an earlier run left in `output_dir` (only on the user's explicit `overwrite_output_dir`)."""
+    if not looks_like_a_run(output_dir):
+        raise UserError(
+            f"overwrite_output_dir: {output_dir} does not hold a training run (no recipe.yaml, run_summary.json or "
+            "checkpoint-*), so nothing in it is deleted; choose a new or empty output_dir"
+        )
     for path in output_dir.iterdir():
         logger.warning("overwrite_output_dir: deleting %s", path)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -97,7 +106,8 @@ class StopOnSignal(TrainerCallback):
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the signal this process got, if any
+        self.stopped = False  # True once any rank got one: every rank then stops at the same step
         self.previous = {sig: signal.signal(sig, self._receive) for sig in self.SIGNALS}
 
     def _receive(self, signum, frame):
@@ -116,6 +126,7 @@ class StopOnSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._any_rank_received():
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True
 

@@ -113,6 +113,8 @@ class RunArguments:
 
 RECIPE_DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments)
 SECRET_KEYS = {"hub_token"}
+# How to start, not what to train: left out of recipe.yaml so a rerun with or without them still resumes.
+RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint"}
 # Values no run can use: (part of the recipe, key, check, what is needed).
 VALUE_RULES = [
     ("training", "learning_rate", lambda v: v > 0, "a positive number"),
@@ -146,11 +148,11 @@ class Recipe:
 
 
 def resolve_choices(chosen: list[str], parts: tuple) -> dict:
-    """The chosen keys with their final values, secrets left out: what `recipe.yaml` records."""
+    """The chosen keys with their final values, secrets and run controls left out: what `recipe.yaml` records."""
     out = {}
     for key in dict.fromkeys(chosen):
         owner = next(part for part in parts if hasattr(part, key))
-        if key not in SECRET_KEYS:
+        if key not in SECRET_KEYS | RUN_CONTROL_KEYS:
             out[key] = _plain(getattr(owner, key))
     return out
 
@@ -187,14 +189,19 @@ def read_recipe_file(path: str) -> dict:
 
 def take_recipe(argv: list[str]) -> tuple[dict, list[str]]:
     """Split `--config recipe.yaml` off the command line: the recipe (its `env:` applied) and the other words."""
-    args, recipe = list(argv), {}
+    args, recipe = [], {}
+    for arg in argv:  # `--config=path` is `--config path`
+        args += arg.split("=", 1) if arg.startswith("--config=") else [arg]
     if "--config" in args:
         at = args.index("--config")
         if at + 1 >= len(args):
             raise UserError("--config needs a recipe path, e.g. --config recipes/smoke.yaml")
         recipe = read_recipe_file(args[at + 1])
         del args[at : at + 2]
-    for name, value in (recipe.pop("env", None) or {}).items():
+    env = recipe.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise UserError("recipe key `env` must be a mapping of variables, e.g. `env: {WANDB_PROJECT: lccc}`")
+    for name, value in env.items():
         os.environ[str(name)] = str(value)
     return recipe, args
 

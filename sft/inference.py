@@ -177,7 +177,7 @@ def load_base(run: Run, quantize: bool, device: str, dtype=None):
     from transformers import AutoModelForCausalLM
     from trl import get_quantization_config
 
-    from sft.model import check_model_source
+    from sft.model import check_model_source, hub_error_message
 
     name = run.model_args.model_name_or_path
     check_model_source(name)
@@ -185,15 +185,18 @@ def load_base(run: Run, quantize: bool, device: str, dtype=None):
     quantization_config = get_quantization_config(run.model_args) if quantize else None
     how = "4-bit" if quantization_config and run.model_args.load_in_4bit else "8-bit" if quantization_config else ""
     logger.info("loading base model %s (%s) on %s", name, f"{how} {str(dtype).removeprefix('torch.')}".strip(), device)
-    return AutoModelForCausalLM.from_pretrained(
-        name,
-        revision=run.model_args.model_revision,
-        dtype=dtype,
-        quantization_config=quantization_config,
-        attn_implementation=run.model_args.attn_implementation,
-        trust_remote_code=run.trust_remote_code,
-        device_map={"": device},
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=run.model_args.model_revision,
+            dtype=dtype,
+            quantization_config=quantization_config,
+            attn_implementation=run.model_args.attn_implementation,
+            trust_remote_code=run.trust_remote_code,
+            device_map={"": device},
+        )
+    except OSError as err:
+        raise UserError(hub_error_message(name, err)) from None
 
 
 def load_model(run: Run, quantize: bool | None = None, device: str | None = None, dtype=None):

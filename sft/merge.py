@@ -44,10 +44,15 @@ def stored_dtype(run) -> torch.dtype:
     """The dtype the base checkpoint is stored in (config `dtype`), float32 when it does not say."""
     from transformers import AutoConfig
 
+    from sft.model import hub_error_message
+
     args = run.model_args
-    config = AutoConfig.from_pretrained(
-        args.model_name_or_path, revision=args.model_revision, trust_remote_code=run.trust_remote_code
-    )
+    try:
+        config = AutoConfig.from_pretrained(
+            args.model_name_or_path, revision=args.model_revision, trust_remote_code=run.trust_remote_code
+        )
+    except OSError as err:
+        raise UserError(hub_error_message(args.model_name_or_path, err)) from None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return torch_dtype(dtype) if isinstance(dtype, str) else (dtype or torch.float32)
 

@@ -16,6 +16,7 @@ from sft.errors import UserError
 from sft.template import training_chat_template
 
 logger = logging.getLogger(__name__)
+TINY_MODEL_DIR = "build/tiny-llama"  # where `make tiny-model` builds the smoke model
 # Attention backends that keep the sequences of a padding-free pack apart (via position_ids / cu_seq_lens).
 PACKING_SAFE_ATTENTION = {"flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager"}
 PACKING_SAFE_STRATEGIES = {"bfd", "bfd_split"}
@@ -25,12 +26,14 @@ def check_model_source(name: str | None) -> None:
     """A model is a local folder or a Hub id (`org/name`); anything else is a typo worth stopping for."""
     if not name:
         raise UserError("no model given: set `model_name_or_path` in the recipe")
-    if Path(name).is_dir():
+    path = Path(name)
+    if path.is_dir():
         return
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-    if not looks_like_hub_id:
-        hint = " (the smoke model is built by `make tiny-model`)" if "tiny" in name else ""
-        raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`{hint}")
+    meant_local = name.startswith((".", "/", "~")) or path.exists() or Path(path.parts[0]).is_dir()
+    if name == TINY_MODEL_DIR:
+        raise UserError(f"the smoke model {name} is not built yet: run `make tiny-model` (or `make sft`)")
+    if meant_local or name.count("/") != 1:
+        raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`")
 
 
 def hub_error_message(name: str, err: OSError) -> str:

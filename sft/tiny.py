@@ -16,10 +16,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
 from sft.data import normalize_utterance
+from sft.model import TINY_MODEL_DIR
 from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
 
 SAMPLE_DATA = Path(__file__).parent / "assets" / "lccc_sample.json"
-DEFAULT_OUTPUT = "build/tiny-llama"
+DEFAULT_OUTPUT = TINY_MODEL_DIR
 # Llama-2's special-token ids, and the chat format's markers so that BPE learns pieces for them.
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
 FORMAT_LINES = ["[INST] [/INST]", "<<SYS>>", "<</SYS>>"] * 20

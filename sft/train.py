@@ -6,6 +6,7 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -82,6 +83,7 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     args.model_init_kwargs = model_init_kwargs(recipe.model, args)
     keep_packed_sequences_apart(args, args.model_init_kwargs["attn_implementation"])
     tokenizer = load_tokenizer(recipe.model, args)
+    check_max_length_fits_a_turn(tokenizer, datasets["train"], args.max_length)
     evaluating = args.eval_strategy != "no"
     if evaluating and not len(datasets.get("validation", [])):
         raise UserError("eval_strategy asks for evaluation but the data has no validation samples (see val_size)")
@@ -135,6 +137,7 @@ def keep_hub_token_out_of_saved_files(args) -> None:
     """A `hub_token` argument would be pickled into every checkpoint's training_args.bin: pass it via HF_TOKEN."""
     if args.hub_token:
         os.environ["HF_TOKEN"] = args.hub_token
+        sys.argv = [arg.replace(args.hub_token, "***") for arg in sys.argv]  # trackers record the command line
         args.hub_token = None
 
 
@@ -167,7 +170,6 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         )
     use_wandb_offline_without_login(args.report_to, args.output_dir)
     trainer = build_trainer(recipe, datasets)
-    check_max_length_fits_a_turn(trainer.processing_class, datasets["train"], args.max_length)
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_recipe(recipe, args.output_dir)
@@ -181,10 +183,10 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         raise UserError(OOM_ADVICE) from None
     finally:
         stopper.restore_handlers()
-    if stopper.received is not None:
+    if stopper.stopped:
         logger.warning(
             "stopped by %s at step %d with a checkpoint in %s; run the same command again to resume",
-            signal.Signals(stopper.received).name,
+            signal.Signals(stopper.received).name if stopper.received else "a signal to another process",
             trainer.state.global_step,
             latest_complete_checkpoint(output_dir),
         )

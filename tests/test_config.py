@@ -1,5 +1,7 @@
 """Recipe parsing: recipe keys and `--flag` overrides, and one clear line for every mistake."""
 
+import os
+
 import pytest
 from conftest import SMOKE_RECIPE, run_command
 
@@ -81,3 +83,19 @@ def test_the_launcher_stops_with_one_line_and_exit_code_2(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown recipe key `learning_rat` (did you mean `learning_rate`?)"
     )
+
+
+def test_run_controls_are_not_part_of_the_recorded_recipe():
+    recipe = parse_recipe(["--config", str(SMOKE_RECIPE), "--overwrite_output_dir", "true", "--seed", "7"])
+    assert recipe.run.overwrite_output_dir is True
+    assert "overwrite_output_dir" not in recipe.resolved and recipe.resolved["seed"] == 7
+
+
+def test_config_equals_form_and_env_mapping(tmp_path, monkeypatch):
+    monkeypatch.delenv("LCCC_TEST_VAR", raising=False)
+    path = write(tmp_path, "lora_r: 4\nbf16: false\nenv:\n  LCCC_TEST_VAR: on\n")
+    recipe = parse_recipe([f"--config={path}"])
+    assert recipe.model.lora_r == 4
+    assert os.environ["LCCC_TEST_VAR"] == "True"
+    with pytest.raises(UserError, match="`env` must be a mapping"):
+        parse_recipe(["--config", write(tmp_path, "env: [A]\n")])

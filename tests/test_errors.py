@@ -124,3 +124,11 @@ def test_trust_remote_code_is_off_unless_asked_and_announced(caplog):
     recipe = parse_recipe(smoke("--trust_remote_code", "true"))
     assert model_init_kwargs(recipe.model, recipe.training)["trust_remote_code"] is True
     assert "trust_remote_code is ON" in caplog.text
+
+
+def test_the_smoke_model_not_built_yet_says_how_to_build_it(monkeypatch, tmp_path):
+    from sft.model import check_model_source
+
+    monkeypatch.chdir(tmp_path)  # no build/ folder here
+    with pytest.raises(UserError, match="make tiny-model"):
+        check_model_source("build/tiny-llama")

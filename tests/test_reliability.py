@@ -1,8 +1,10 @@
 """Interruption and resume, refusing to clobber finished runs, and keeping secrets out of everything saved."""
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -133,3 +135,39 @@ def test_secrets_never_reach_logs_or_saved_files(tiny_model, tmp_path):
         assert secret not in result.stdout + result.stderr
         for path in written:
             assert secret.encode() not in path.read_bytes(), f"{secret} found in {path}"
+
+
+def test_overwrite_never_empties_a_folder_that_holds_no_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="does not hold a training run"):
+        checkpoint_to_resume(str(tmp_path), {"lora_r": 8}, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_every_rank_stops_when_another_rank_got_the_signal(monkeypatch):
+    from transformers import TrainerControl
+
+    from sft.checkpoints import StopOnSignal
+
+    stopper = StopOnSignal()
+    try:
+        monkeypatch.setattr(stopper, "_any_rank_received", lambda: True)  # the all-reduce saw another rank's flag
+        control = TrainerControl()
+        stopper.on_step_end(None, None, control)
+        assert stopper.received is None and stopper.stopped
+        assert control.should_save and control.should_training_stop
+    finally:
+        stopper.restore_handlers()
+
+
+def test_a_hub_token_flag_is_masked_in_the_recorded_command_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from sft.train import keep_hub_token_out_of_saved_files
+
+    monkeypatch.setattr("sys.argv", ["sft/run.py", "--hub_token", "hf_SECRET"])
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    args = SimpleNamespace(hub_token="hf_SECRET")
+    keep_hub_token_out_of_saved_files(args)
+    assert args.hub_token is None and os.environ["HF_TOKEN"] == "hf_SECRET"
+    assert "hf_SECRET" not in " ".join(sys.argv)
