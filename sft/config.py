@@ -236,7 +236,7 @@ def _coerce_one(action, key: str, value):
     return converted
 
 
-def _flag_names(cli_args: list[str]) -> list[str]:
+def flag_names(cli_args: list[str]) -> list[str]:
     return [arg[2:].split("=", 1)[0] for arg in cli_args if arg.startswith("--")]
 
 
@@ -254,7 +254,7 @@ def parse_recipe(argv: list[str]) -> Recipe:
         defaults.setdefault("use_cpu", True)  # several processes and no GPU: train together on the CPU (gloo)
     parser.set_defaults_with_config(**defaults)
 
-    for flag in _flag_names(args):
+    for flag in flag_names(args):
         if flag not in actions and flag.replace("-", "_") not in actions:
             raise UserError(f"unknown option `--{flag}`{did_you_mean(flag, actions)}")
     try:
@@ -271,7 +271,7 @@ def parse_recipe(argv: list[str]) -> Recipe:
         raise UserError(f"invalid recipe value: {message}") from None
     if unused:
         raise UserError(f"could not use these command-line words: {' '.join(unused)}")
-    chosen = [*recipe, *(f.replace("-", "_") for f in _flag_names(args))]
+    chosen = [*recipe, *(f.replace("-", "_") for f in flag_names(args))]
     resolved = resolve_choices(chosen, (data, training, model, run))
     parsed = Recipe(data=data, training=training, model=model, run=run, resolved=resolved)
     check_values(parsed)

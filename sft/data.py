@@ -40,8 +40,8 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from filelock import FileLock
 from trl.data_utils import common_prefix_length
 
-from sft.config import RECIPE_DATACLASSES, DataArguments, RecipeParser, did_you_mean, take_recipe
-from sft.errors import UserError, exits_cleanly_on_user_error
+from sft.config import RECIPE_DATACLASSES, DataArguments, RecipeParser, did_you_mean, flag_names, take_recipe
+from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 
 logger = logging.getLogger(__name__)
 
@@ -959,7 +959,7 @@ def parse_prepare_command(argv: list[str]) -> tuple[DataArguments, PrepareArgume
             raise UserError(f"unknown recipe key `{key}`{did_you_mean(key, recipe_keys)}")
         if key in options and key != "output_dir" and value is not None:  # the recipe's output_dir is training's
             from_recipe += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    for flag in (arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")):
+    for flag in flag_names(args):
         if flag not in options:
             hint = did_you_mean(flag, options)
             raise UserError(f"unknown option `--{flag}`{hint}: python -m sft.data --help lists them")
@@ -995,7 +995,7 @@ def add_token_statistics(folder: Path, command: PrepareArguments) -> None:
 def main(argv: list[str] | None = None) -> Path:
     """Prepare the data of a recipe or of flags alone, and write `stats.json` next to it."""
     data, command = parse_prepare_command(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     folder = prepared_folder(data, command.seed)
     if command.model_name_or_path and command.token_stats_samples:
         add_token_statistics(folder, command)

@@ -1,7 +1,9 @@
-"""User-facing errors: one clear message and a non-zero exit, never a traceback."""
+"""For entry points: user errors end with one clear message and a non-zero exit, and one log format."""
 
 import functools
 import sys
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class UserError(Exception):

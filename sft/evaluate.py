@@ -20,9 +20,8 @@ if __package__ in (None, ""):  # started as a file: import the package, and let 
 
 import torch  # noqa: E402
 
-from sft.errors import UserError, exits_cleanly_on_user_error  # noqa: E402
+from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error  # noqa: E402
 from sft.inference import (  # noqa: E402
-    LOG_FORMAT,
     CommandParser,
     default_device,
     encode_prompt,

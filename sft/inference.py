@@ -26,7 +26,6 @@ MERGE_INFO = "merge_info.json"
 # TRL's SFTConfig defaults for the two training keys inference needs when a recipe leaves them out.
 DEFAULT_SEED = 42
 DEFAULT_MAX_LENGTH = 1024
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def resolve_local(name: str | None) -> str | None:

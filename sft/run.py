@@ -12,7 +12,7 @@ if __package__ in (None, ""):  # started as a file (`accelerate launch sft/run.p
 
 from sft.config import parse_recipe  # noqa: E402
 from sft.data import load_conversations  # noqa: E402
-from sft.errors import exits_cleanly_on_user_error  # noqa: E402
+from sft.errors import LOG_FORMAT, exits_cleanly_on_user_error  # noqa: E402
 from sft.model import check_model_source  # noqa: E402
 
 
@@ -20,7 +20,7 @@ from sft.model import check_model_source  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     recipe = parse_recipe(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         level=recipe.training.get_process_log_level(),
     )
     check_model_source(recipe.model.model_name_or_path)
