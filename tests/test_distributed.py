@@ -2,15 +2,22 @@
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from conftest import LAUNCH, ROOT, run_command
+
+from sft.checkpoints import latest_complete_checkpoint
 
 CONFIGS = ROOT / "accelerate_configs"
 TWO_PROCESSES = ["accelerate", "launch", "--quiet", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft/run.py"]
@@ -141,3 +148,28 @@ def test_the_slurm_script_starts_accelerate_on_every_node_with_its_rank(tmp_path
         assert "--num_machines 2 --num_processes 8 " in line
         assert "--main_process_ip gpu-node-07 " in line
         assert line.endswith("sft/run.py --config recipes/lccc_base.yaml --seed 1")
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tiny_model, tmp_path):
+    """SIGTERM reaches only rank 1 (as when one node of a job is preempted): both ranks still save one
+    checkpoint at the same step and exit cleanly, and the folder does not look finished."""
+    output_dir = tmp_path / "out"
+    log = tmp_path / "run.log"
+    command = [*TWO_PROCESSES, "--config", "recipes/smoke.yaml", "--max_steps", "5000", "--save_steps", "5000"]
+    command += ["--eval_strategy", "no", "--logging_steps", "1", "--output_dir", str(output_dir)]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while "'loss':" not in log.read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "sft/run.py" in p.cmdline()]
+        rank_1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank_1.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=180) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "received SIGTERM" in text and text.count("run the same command again to resume") >= 1
+    checkpoint = latest_complete_checkpoint(output_dir)
+    assert checkpoint is not None and len(list(output_dir.glob("checkpoint-*"))) == 1
+    assert not (output_dir / "run_summary.json").exists()
