@@ -31,14 +31,18 @@ class CountingSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.token_counts = [0, 0, 0]  # batch slots (padding included), real tokens, tokens that carried loss
+        # batch slots (padding included), real tokens, tokens that carried loss; kept on the device so that
+        # counting adds no host synchronisation to the step
+        self.token_counts = torch.zeros(3, dtype=torch.long, device=self.accelerator.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             ids = inputs["input_ids"]
-            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
-            supervised = int((inputs["labels"][..., 1:] != -100).sum())
-            self.token_counts = [a + b for a, b in zip(self.token_counts, (ids.numel(), real, supervised), strict=True)]
+            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else ids.numel()
+            supervised = (inputs["labels"][..., 1:] != -100).sum()
+            self.token_counts += torch.stack(
+                [torch.as_tensor(n, device=ids.device) for n in (ids.numel(), real, supervised)]
+            )
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
@@ -101,7 +105,7 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
 
 def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss: float) -> dict:
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
-    counts = trainer.accelerator.gather(torch.tensor([trainer.token_counts], device=trainer.accelerator.device))
+    counts = trainer.accelerator.gather(trainer.token_counts[None])
     slots, train_tokens, supervised = counts.sum(dim=0).tolist()
     memory, memory_kind = peak_memory_mb()
     return {
