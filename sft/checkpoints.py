@@ -13,12 +13,12 @@ import torch.distributed as dist
 import yaml
 from transformers import TrainerCallback
 
+from sft.config import RECIPE_FILE
 from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 FINISHED_MARKER = "run_summary.json"  # written last: its presence means the run finished and saved everything
-RECIPE_FILE = "recipe.yaml"
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

@@ -115,6 +115,7 @@ RECIPE_DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments)
 SECRET_KEYS = {"hub_token"}
 # How to start, not what to train: left out of recipe.yaml so a rerun with or without them still resumes.
 RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint"}
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe, next to what a run trained
 # Values no run can use: (part of the recipe, key, check, what is needed).
 VALUE_RULES = [
     ("training", "learning_rate", lambda v: v > 0, "a positive number"),
@@ -288,6 +289,6 @@ def check_values(recipe: Recipe) -> None:
 
 def save_resolved_recipe(recipe: Recipe, output_dir: str) -> Path:
     """Write the user's choices with their final values next to the trained adapter."""
-    path = Path(output_dir) / "recipe.yaml"
+    path = Path(output_dir) / RECIPE_FILE
     path.write_text(yaml.safe_dump(recipe.resolved, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path

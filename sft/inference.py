@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from trl import ModelConfig
 
-from sft.config import DataArguments, read_recipe_file
+from sft.config import RECIPE_FILE, DataArguments, read_recipe_file
 from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,9 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
             f"{model_path} holds neither a LoRA adapter (adapter_config.json) nor a model (config.json); "
             "give the output folder of a training run or of `python -m sft.merge`"
         )
-    recipe_path = path / "recipe.yaml"
+    recipe_path = path / RECIPE_FILE
     if not recipe_path.is_file() and path.name.startswith("checkpoint-"):
-        recipe_path = path.parent / "recipe.yaml"  # a checkpoint inside a run's output folder
+        recipe_path = path.parent / RECIPE_FILE  # a checkpoint inside a run's output folder
     recipe = read_recipe_file(str(recipe_path)) if recipe_path.is_file() else {}
 
     if base_model is None and is_adapter:

@@ -20,6 +20,8 @@ if __package__ in (None, ""):  # started as a file: import the package instead
 
 import torch  # noqa: E402
 
+from sft.checkpoints import FINISHED_MARKER  # noqa: E402
+from sft.config import RECIPE_FILE  # noqa: E402
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error  # noqa: E402
 from sft.inference import (  # noqa: E402
     MERGE_INFO,
@@ -34,7 +36,7 @@ from sft.inference import (  # noqa: E402
 )
 
 logger = logging.getLogger(__name__)
-COPIED_FILES = ("recipe.yaml", "trainer_state.json", "run_summary.json")
+COPIED_FILES = (RECIPE_FILE, "trainer_state.json", FINISHED_MARKER)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 PROBE = [{"role": "user", "content": "你好，最近怎么样？"}]
 
