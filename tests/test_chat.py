@@ -1,13 +1,11 @@
 """`sft.chat`: streamed replies, kept and trimmed history, /reset and /exit, driven through stdin and --message."""
 
 import io
-import os
-import subprocess
 import sys
 
 import pytest
 import transformers
-from conftest import BIN, ROOT
+from conftest import run_command
 
 import sft.chat
 from sft.chat import ASSISTANT_PROMPT, ChatSession, MessageTooLong, interactive, main
@@ -24,14 +22,9 @@ def turn(user, reply):
 
 
 def test_chat_through_stdin_with_reset_and_exit(smoke_run):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "-m", "sft.chat", "--model_path", str(smoke_run), "--max_new_tokens", "6"],
         input="你好\n\n今天天气怎么样？\n/reset\n在吗\n/exit\n这句不会被读到\n",
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,9 +4,6 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
-from conftest import LAUNCH, ROOT, run_command
+from conftest import LAUNCH, ROOT, run_command, start_command, wait_for
 
 from sft.checkpoints import latest_complete_checkpoint
 
@@ -157,17 +154,12 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tiny
     log = tmp_path / "run.log"
     command = [*TWO_PROCESSES, "--config", "recipes/smoke.yaml", "--max_steps", "5000", "--save_steps", "5000"]
     command += ["--eval_strategy", "no", "--logging_steps", "1", "--output_dir", str(output_dir)]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    with open(log, "w") as out:
-        launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while "'loss':" not in log.read_text():
-            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.1)
-        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "sft/run.py" in p.cmdline()]
-        rank_1 = next(p for p in workers if p.environ().get("RANK") == "1")
-        rank_1.send_signal(signal.SIGTERM)
-        assert launcher.wait(timeout=180) == 0, log.read_text()[-3000:]
+    launcher = start_command(command, log)
+    wait_for(lambda: "'loss':" in log.read_text(), launcher)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "sft/run.py" in p.cmdline()]
+    rank_1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank_1.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=180) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "received SIGTERM" in text and text.count("run the same command again to resume") >= 1
     checkpoint = latest_complete_checkpoint(output_dir)

@@ -3,36 +3,16 @@
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
-from conftest import ROOT, run_command
+from conftest import run_command, start_command, wait_for
 from safetensors import safe_open
 
 from sft.checkpoints import checkpoint_to_resume, latest_complete_checkpoint
 from sft.errors import UserError
 
 RUN = ["python", "sft/run.py", "--config", "recipes/smoke.yaml", "--eval_strategy", "no", "--logging_steps", "1"]
-
-
-def start(args: list[str], log_path, env: dict | None = None) -> subprocess.Popen:
-    import os
-
-    from conftest import BIN
-
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    log = open(log_path, "w")  # noqa: SIM115 - closed by the child's exit
-    return subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, "the run ended before the awaited moment"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def losses(output_dir) -> dict[int, float]:
@@ -47,7 +27,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_model,
 
     resumed = tmp_path / "resumed"
     command = [*RUN, *steps, "--output_dir", str(resumed)]
-    process = start(command, tmp_path / "first.log")
+    process = start_command(command, tmp_path / "first.log")
     wait_for(lambda: (resumed / "checkpoint-8" / "trainer_state.json").exists(), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -72,7 +52,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_model,
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
     output_dir = tmp_path / "out"
     log = tmp_path / "run.log"
-    process = start([*RUN, "--max_steps", "5000", "--save_steps", "5000", "--output_dir", str(output_dir)], log)
+    process = start_command([*RUN, "--max_steps", "5000", "--save_steps", "5000", "--output_dir", str(output_dir)], log)
     wait_for(lambda: "'loss':" in log.read_text(), process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0
