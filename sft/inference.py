@@ -58,6 +58,10 @@ class Run:
     def quantized_in_training(self) -> bool:
         return bool(self.model_args and (self.model_args.load_in_4bit or self.model_args.load_in_8bit))
 
+    def loads_quantized(self, quantize: bool | None) -> bool:
+        """Whether the base loads quantized: as in training unless `quantize` says otherwise."""
+        return self.is_adapter and self.quantized_in_training and (quantize is None or quantize)
+
 
 def _dataclass_from(cls, values: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
@@ -207,8 +211,7 @@ def load_model(run: Run, quantize: bool | None = None, device: str | None = None
     if run.is_adapter:
         from peft import PeftModel
 
-        quantize = run.quantized_in_training if quantize is None else quantize
-        base = load_base(run, quantize, device, dtype)
+        base = load_base(run, run.loads_quantized(quantize), device, dtype)
         logger.info("loading adapter from %s", run.model_path)
         model = PeftModel.from_pretrained(base, run.model_path)
     else:
@@ -224,10 +227,7 @@ def load_model(run: Run, quantize: bool | None = None, device: str | None = None
 
 def quantization_label(run: Run, quantize: bool | None) -> str:
     """How the base weights were held: `4-bit nf4`, `8-bit` or `none`."""
-    if not run.is_adapter:
-        return "none"
-    quantize = run.quantized_in_training if quantize is None else quantize
-    if not quantize or not run.quantized_in_training:
+    if not run.loads_quantized(quantize):
         return "none"
     if run.model_args.load_in_4bit:
         nested = " + double quantization" if run.model_args.use_bnb_nested_quant else ""
