@@ -30,9 +30,10 @@ help:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The project installs in editable mode with its test tools: `sft` imports from this checkout everywhere.
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
 tiny-model: $(TINY_MODEL)/config.json

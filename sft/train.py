@@ -86,7 +86,13 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     args = recipe.training
     args.model_init_kwargs = model_init_kwargs(recipe.model, args)
     keep_packed_sequences_apart(args, args.model_init_kwargs["attn_implementation"])
-    tokenizer = load_tokenizer(recipe.model, args)
+    tokenizer = load_tokenizer(
+        recipe.model.model_name_or_path,
+        revision=recipe.model.model_revision,
+        trust_remote_code=args.trust_remote_code,
+        chat_template_path=args.chat_template_path,
+    )
+    args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
     check_max_length_fits_a_turn(tokenizer, datasets["train"], args.max_length)
     evaluating = args.eval_strategy != "no"
     if evaluating and not len(datasets.get("validation", [])):

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 import torch
-from conftest import SMOKE_RECIPE
+from helpers import SMOKE_RECIPE
 from huggingface_hub.errors import GatedRepoError
 from transformers import AutoTokenizer
 

@@ -5,8 +5,8 @@ import json
 
 import jinja2
 import pytest
-from conftest import SMOKE_RECIPE
 from datasets import Dataset, DatasetDict
+from helpers import SMOKE_RECIPE
 from transformers import AutoTokenizer
 
 from sft.config import parse_recipe
