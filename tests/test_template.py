@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from sft.config import parse_recipe
 from sft.data import dialogue_to_samples, normalize_utterance
-from sft.tiny import SAMPLE_DATA
 from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers, training_chat_template
+from sft.tiny import SAMPLE_DATA
 from sft.train import build_trainer
 
 SYSTEM = "你是一个友好的聊天伙伴，请用自然的中文回答。"
