@@ -20,7 +20,7 @@ from sft.errors import UserError
 
 @dataclass
 class DataArguments:
-    """Where the dialogues come from, how they are cleaned and how they become chat samples (see sft/data.py)."""
+    """Where the dialogues come from, how they are cleaned and how they become chat samples (see sft/data/)."""
 
     dataset_name: str | None = field(
         default=None,

@@ -1,0 +1,106 @@
+"""Where records come from: a local file of a known kind or a Hub dataset, Arrow-backed per split."""
+
+import logging
+import re
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, Value, load_dataset
+from datasets.exceptions import DatasetNotFoundError
+
+from sft.config import DataArguments
+from sft.data.files import data_suffix, file_kind, read_lines
+from sft.data.json_stream import read_json_document
+from sft.data.records import CHAT_FIELD, DIALOGUE_FIELDS, SPLIT_NAMES, Source
+from sft.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+LCCC_HUB_ID = "thu-coai/lccc"
+PARQUET_REVISION = "refs/convert/parquet"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def locate_source(args: DataArguments) -> tuple[str, Path | None]:
+    """The kind of source that `dataset_name` names: a local file of a known kind or a Hub dataset id."""
+    name = args.dataset_name
+    if not name:
+        raise UserError("no data given: set `dataset_name` to a local data file or a Hub dataset id")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise UserError(f"{name} is a folder: give one data file (or a Hub dataset id)")
+    if path.is_file():
+        return file_kind(path), path
+    if HUB_ID.fullmatch(name) and not data_suffix(path):
+        return "hub", None
+    raise UserError(f"data file not found: {name}")
+
+
+def load_hub(args: DataArguments) -> DatasetDict:
+    """A Hub dataset; LCCC is read from the Hub's parquet conversion, as its loading script no longer runs."""
+    if args.dataset_name == LCCC_HUB_ID:
+        where = {"data_dir": args.dataset_config or "base", "revision": PARQUET_REVISION}
+    else:
+        where = {"name": args.dataset_config}
+    try:
+        return load_dataset(args.dataset_name, **where)
+    except (DatasetNotFoundError, ConnectionError, FileNotFoundError, ValueError) as err:
+        raise UserError(f"could not load {args.dataset_name} from the Hub: {str(err).splitlines()[0]}") from None
+
+
+def typed_column(ds: Dataset, name: str, wanted: str | None) -> tuple[str, bool]:
+    """The dialogue column of a typed dataset, and whether it holds chat messages rather than utterance lists."""
+    for column in [wanted] if wanted else [CHAT_FIELD, *DIALOGUE_FIELDS]:
+        if column not in ds.features:
+            continue
+        inner = getattr(ds.features[column], "feature", None)
+        if inner in (Value("string"), Value("large_string")):
+            return column, False
+        if isinstance(inner, dict) and {"role", "content"} <= inner.keys():
+            return column, True
+        raise UserError(f"column `{column}` of {name} is neither a list of texts nor a list of role/content messages")
+    raise UserError(
+        f"{name} has no dialogue column (looked for {wanted or ', '.join([CHAT_FIELD, *DIALOGUE_FIELDS])}; it has "
+        f"{', '.join(ds.column_names)}): set `dialogue_column`"
+    )
+
+
+def read_typed(args: DataArguments, kind: str, path: Path | None, work: Path) -> Source:
+    """A Hub dataset or a parquet file: typed columns, one of which holds the dialogues."""
+    if kind == "hub":
+        loaded = load_hub(args)
+    else:
+        loaded = {"train": load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(work))}
+    splits = {}
+    for split, ds in loaded.items():
+        if split in SPLIT_NAMES:
+            splits[SPLIT_NAMES[split]] = ds
+        else:
+            logger.warning("ignoring split `%s`: not a train, validation or test split", split)
+    if not splits:
+        raise UserError(f"{args.dataset_name} has no train, validation or test split")
+    column, chat = typed_column(next(iter(splits.values())), args.dataset_name, args.dialogue_column)
+    splits = {split: ds.select_columns([column]) for split, ds in splits.items()}
+    return Source(args.dataset_name, kind, splits, column, "typed", "row", chat)
+
+
+READERS = {
+    "hub": read_typed,
+    "parquet": read_typed,
+    "jsonl": read_lines,
+    "text": read_lines,
+    "lccc_json": read_json_document,
+    "json_list": read_json_document,
+}
+
+
+def read_source(args: DataArguments, kind: str, path: Path | None, work: Path) -> Source:
+    """The records of every split of the source, Arrow-backed, at most `max_samples` per split."""
+    source = READERS[kind](args, kind, path, work)
+    if not source.splits:
+        raise UserError(f"{source.name} holds no dialogues")
+    if "train" not in source.splits:
+        raise UserError(f"{source.name} has no train split (it has {', '.join(source.splits)})")
+    if args.max_samples:
+        source.splits = {s: ds.select(range(min(args.max_samples, len(ds)))) for s, ds in source.splits.items()}
+    return source
