@@ -25,8 +25,8 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "A Hub dataset id (thu-coai/lccc) or a local file: LCCC JSON, JSON list, JSONL, tab-separated "
-            ".txt/.tsv or .parquet, optionally .gz-compressed."
+            "help": "A Hub dataset id (thu-coai/lccc; lccc-base and lccc name its base and large configs) or a "
+            "local file: LCCC JSON, JSON list, JSONL, tab-separated .txt/.tsv or .parquet, optionally .gz-compressed."
         },
     )
     dataset_config: str | None = field(

@@ -11,6 +11,7 @@ import pytest
 from conftest import run_command
 from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetNotFoundError
+from transformers import AutoTokenizer
 
 from sft.config import DataArguments
 from sft.data import (
@@ -203,6 +204,20 @@ def test_lccc_from_the_hub_uses_its_parquet_conversion(tmp_path):
     load.assert_called_once_with("thu-coai/lccc", data_dir="large", revision="refs/convert/parquet")
     assert stats["source_kind"] == "hub" and stats["dialogues"] == {"train": 20, "validation": 5, "test": 5}
     assert all_samples(datasets) == expected_samples(dialogues)
+
+
+@pytest.mark.parametrize(("name", "config"), [("lccc-base", "base"), ("lccc", "large"), ("lccc-large", "large")])
+def test_the_original_projects_names_are_the_hubs_lccc(tmp_path, name, config):
+    dialogues = make_dialogues()
+    with mock.patch.object(sources, "load_dataset", return_value=lccc_hub(dialogues)) as load:
+        _, stats = prepare(tmp_path, name)
+    load.assert_called_once_with("thu-coai/lccc", data_dir=config, revision="refs/convert/parquet")
+    assert stats["dataset_name"] == "thu-coai/lccc" and stats["arguments"]["dataset_config"] == config
+
+
+def test_an_lccc_name_with_another_config_is_refused(tmp_path):
+    with pytest.raises(UserError, match="lccc-base is LCCC-base: dataset_config cannot be large"):
+        prepare(tmp_path, "lccc-base", dataset_config="large")
 
 
 def test_any_hub_dataset_with_a_dialogue_column(tmp_path):
@@ -402,6 +417,10 @@ def test_the_cli_prepares_a_recipe_and_writes_stats(tmp_path, tiny_model):
     tokens = stats["tokens"]["train"]
     assert tokens["samples_measured"] == stats["samples"]["train"]
     assert tokens["p50"] <= tokens["p95"] <= tokens["max"] and 0 <= tokens["truncated_share"] <= 1
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [m["content"] for row in load_prepared(next(out.glob("*/"))).get("train") for m in row["messages"]]
+    spelled = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    assert tokens["characters_per_token"] == round(sum(map(len, texts)) / spelled, 3)
     assert "statistics in" in result.stderr
 
 

@@ -15,7 +15,7 @@ from filelock import FileLock
 from sft.config import DataArguments
 from sft.data.pipeline import prepare
 from sft.data.records import SPLITS
-from sft.data.sources import LCCC_HUB_ID, PARQUET_REVISION, locate_source
+from sft.data.sources import LCCC_HUB_ID, PARQUET_REVISION, locate_source, with_lccc_names
 from sft.data.stats import STATS_FILE, summary, utterance_counts, write_stats
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def cache_folder(args: DataArguments, seed: int, path: Path | None) -> Path:
 
 def prepared_folder(args: DataArguments, seed: int) -> Path:
     """The cache folder of these data arguments, prepared first when it does not exist yet."""
+    args = with_lccc_names(args)
     kind, path = locate_source(args)
     folder = cache_folder(args, seed, path)
     folder.parent.mkdir(parents=True, exist_ok=True)

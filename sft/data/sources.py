@@ -1,5 +1,6 @@
 """Where records come from: a local file of a known kind or a Hub dataset, Arrow-backed per split."""
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -18,7 +19,19 @@ logger = logging.getLogger(__name__)
 
 LCCC_HUB_ID = "thu-coai/lccc"
 PARQUET_REVISION = "refs/convert/parquet"
+# The original project's names for LCCC (`--dataset_name lccc-base`) -> the configuration of the Hub's LCCC.
+LCCC_NAMES = {"lccc-base": "base", "lccc": "large", "lccc-large": "large"}
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def with_lccc_names(args: DataArguments) -> DataArguments:
+    """The data arguments with `lccc-base` / `lccc` (when no such file exists) as the Hub's LCCC base / large."""
+    config = LCCC_NAMES.get(args.dataset_name or "")
+    if config is None or Path(args.dataset_name).exists():
+        return args
+    if args.dataset_config not in (None, config):
+        raise UserError(f"{args.dataset_name} is LCCC-{config}: dataset_config cannot be {args.dataset_config}")
+    return dataclasses.replace(args, dataset_name=LCCC_HUB_ID, dataset_config=config)
 
 
 def locate_source(args: DataArguments) -> tuple[str, Path | None]:

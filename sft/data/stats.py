@@ -45,9 +45,12 @@ def write_stats(folder: Path, stats: dict) -> None:
     os.replace(partial, folder / STATS_FILE)
 
 
-def token_counts(sample: dict, tokenizer) -> tuple[int, int]:
-    """Tokens of one sample as SFTTrainer builds it, and how many of them carry the loss."""
+def token_counts(sample: dict, tokenizer) -> tuple[int, int, int, int]:
+    """Tokens of one sample as SFTTrainer builds it, how many of them carry the loss, and the characters of its
+    messages with the tokens that spell them alone (no template)."""
     conversation = sample.get("messages") or sample["prompt"] + sample["completion"]
+    texts = [message["content"] for message in conversation]
+    text_tokens = sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))
     encoded = tokenizer.apply_chat_template(
         conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
@@ -58,16 +61,17 @@ def token_counts(sample: dict, tokenizer) -> tuple[int, int]:
             sample["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True
         )["input_ids"]
         start = common_prefix_length(prompt, ids)
-    return len(ids), int(sum(supervised[start:]))
+    return len(ids), int(sum(supervised[start:])), sum(map(len, texts)), text_tokens
 
 
 def token_summary(ds: Dataset, tokenizer, max_length: int | None, count: int, seed: int) -> dict:
-    """Token lengths (p50/p95/max), the share `max_length` would truncate, and tokens per supervised token."""
+    """Token lengths (p50/p95/max), the share `max_length` would truncate, tokens per supervised token, and
+    characters per token of the messages' text (how well the tokenizer spells the language)."""
     measured = ds.select(subset(len(ds), count, seed))
     if not len(measured):
         return {"samples_measured": 0}
     counts = np.array([token_counts(sample, tokenizer) for sample in measured])
-    tokens, supervised = counts[:, 0], counts[:, 1]
+    tokens, supervised, characters, text_tokens = counts.T
     lengths = summary(tokens)
     return {
         "samples_measured": len(measured),
@@ -76,4 +80,5 @@ def token_summary(ds: Dataset, tokenizer, max_length: int | None, count: int, se
         "max": lengths["max"],
         "truncated_share": round(float((tokens > max_length).mean()), 4) if max_length else 0.0,
         "tokens_per_supervised_token": round(float(tokens.sum() / max(supervised.sum(), 1)), 3),
+        "characters_per_token": round(float(characters.sum() / max(text_tokens.sum(), 1)), 3),
     }
