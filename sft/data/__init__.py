@@ -15,11 +15,13 @@ stay the same. `python -m sft.data` (`__main__`) prepares data alone and adds to
 folder's `stats.json`.
 """
 
-from sft.data.cache import load_conversations, load_prepared, prepared_folder
+from sft.data.cache import load_prepared, prepared_folder
 from sft.data.clean import normalize_utterance
 from sft.data.conversations import multi_turn_samples, per_turn_samples
+from sft.data.mixture import held_out_by_source, load_conversations
 
 __all__ = [
+    "held_out_by_source",
     "load_conversations",
     "load_prepared",
     "multi_turn_samples",

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft.config import RECIPE_DATACLASSES, DataArguments, RecipeParser, did_you_mean, flag_names, take_recipe
-from sft.data.cache import load_prepared, prepared_folder
+from sft.data.cache import load_prepared
+from sft.data.mixture import data_folder
 from sft.data.stats import STATS_FILE, token_summary, write_stats
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 
@@ -49,6 +50,9 @@ def parse_prepare_command(argv: list[str]) -> tuple[DataArguments, PrepareArgume
         if key not in recipe_keys:
             raise UserError(f"unknown recipe key `{key}`{did_you_mean(key, recipe_keys)}")
         if key in options and key != "output_dir" and value is not None:  # the recipe's output_dir is training's
+            if isinstance(value, list | dict):  # a mixture's `datasets`: no flag spells it
+                parser.set_defaults(**{key: value})
+                continue
             from_recipe += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     for flag in flag_names(args):
         if flag not in options:
@@ -79,6 +83,9 @@ def add_token_statistics(folder: Path, command: PrepareArguments) -> None:
         "max_length": command.max_length,
         **{split: token_summary(ds, seed=command.seed, **measure) for split, ds in load_prepared(folder).items()},
     }
+    for source in stats.get("sources", {}).values():  # a mixture: each source's training samples before mixing
+        train = load_prepared(Path(source["folder"]))["train"]
+        source["tokens"] = token_summary(train, seed=command.seed, **measure)
     write_stats(folder, stats)
 
 
@@ -87,10 +94,16 @@ def main(argv: list[str] | None = None) -> Path:
     """Prepare the data of a recipe or of flags alone, and write `stats.json` next to it."""
     data, command = parse_prepare_command(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
-    folder = prepared_folder(data, command.seed)
+    folder = data_folder(data, command.seed)
     if command.model_name_or_path and command.token_stats_samples:
         add_token_statistics(folder, command)
     stats = json.loads((folder / STATS_FILE).read_text(encoding="utf-8"))
+    if "sources" in stats:
+        shares = stats["train_shares"]
+        logger.info(
+            "mixture: samples %s, train shares %s; statistics in %s", stats["samples"], shares, folder / STATS_FILE
+        )
+        return folder
     logger.info(
         "%s: %d dialogues read, dropped %s, samples %s; statistics in %s",
         data.dataset_name,

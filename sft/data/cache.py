@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
@@ -57,24 +58,20 @@ def cache_folder(args: DataArguments, seed: int, path: Path | None) -> Path:
     return Path(args.processed_dir) / f"{_UNSAFE_IN_NAME.sub('_', stem)}-{key}"
 
 
-def prepared_folder(args: DataArguments, seed: int) -> Path:
-    """The cache folder of these data arguments, prepared first when it does not exist yet."""
-    args = with_lccc_names(args)
-    kind, path = locate_source(args)
-    folder = cache_folder(args, seed, path)
+def build_once(folder: Path, what: str, build: Callable[[Path, Path], None]) -> Path:
+    """`folder`, complete: reused when it has `stats.json`, else built by `build(work, out)` and moved in place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{folder}.lock"):  # one process prepares, the others (other ranks, other runs) wait and reuse
         if (folder / STATS_FILE).is_file():
             logger.info("reusing the data prepared in %s", folder)
             return folder
-        logger.info("preparing %s into %s", args.dataset_name, folder)
+        logger.info("preparing %s into %s", what, folder)
         scratch = folder.with_name(f"{folder.name}.tmp")
         shutil.rmtree(scratch, ignore_errors=True)
         for part in ("work", "data"):
             (scratch / part).mkdir(parents=True)
         try:
-            stats = prepare(args, seed, kind, path, scratch / "work", scratch / "data")
-            write_summary(scratch / "data", stats, args, seed)
+            build(scratch / "work", scratch / "data")
             shutil.rmtree(folder, ignore_errors=True)  # without stats.json it is what an interrupted run left
             os.replace(scratch / "data", folder)
         finally:
@@ -82,14 +79,22 @@ def prepared_folder(args: DataArguments, seed: int) -> Path:
     return folder
 
 
+def prepared_folder(args: DataArguments, seed: int) -> Path:
+    """The cache folder of these data arguments, prepared first when it does not exist yet."""
+    args = with_lccc_names(args)
+    kind, path = locate_source(args)
+
+    def build(work: Path, out: Path) -> None:
+        write_summary(out, prepare(args, seed, kind, path, work, out), args, seed)
+
+    return build_once(cache_folder(args, seed, path), args.dataset_name, build)
+
+
 def load_prepared(folder: Path) -> DatasetDict:
-    """The splits of a cache folder, memory-mapped."""
-    return DatasetDict({split: Dataset.from_file(str(folder / f"{split}.arrow")) for split in SPLITS})
-
-
-def load_conversations(args: DataArguments, seed: int) -> DatasetDict:
-    """Train/validation/test chat samples: prepared on first use, read back from the cache while nothing changed."""
-    return load_prepared(prepared_folder(args, seed))
+    """The splits of a cache folder, memory-mapped: train, validation, test, and a mixture's per-source
+    `validation-<label>` and `test-<label>`."""
+    names = [*SPLITS, *sorted(path.stem for path in folder.glob("*-*.arrow"))]
+    return DatasetDict({name: Dataset.from_file(str(folder / f"{name}.arrow")) for name in names})
 
 
 def write_summary(folder: Path, stats: dict, args: DataArguments, seed: int) -> None:

@@ -10,8 +10,9 @@ import pyarrow.compute as pc
 from datasets import Features, List, Value
 
 from sft.config import DataArguments
-from sft.data.conversations import SAMPLE_FEATURES, dialogue_samples
-from sft.data.records import MalformedRecord, messages_of, parse_record, utterances_of
+from sft.data.conversations import SAMPLE_FEATURES, dialogue_samples, sample_format
+from sft.data.formats import as_messages
+from sft.data.records import MalformedRecord, parse_record, utterances_of
 
 _LATIN_DIGIT_OR_SPACE = re.compile(r"[A-Za-z0-9\s]")
 _LATIN_OR_DIGIT = re.compile(r"[A-Za-z0-9]")
@@ -57,9 +58,9 @@ def content_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def clean_features(args: DataArguments, chat: bool) -> Features:
+def clean_features(args: DataArguments, form: str) -> Features:
     """Columns of the cleaning map: the samples of each record, its hash, why it is dropped, cut utterances."""
-    sample = SAMPLE_FEATURES["multi_turn" if chat else args.sample_format]
+    sample = SAMPLE_FEATURES[sample_format(args, form)]
     return Features(
         {
             "samples": List(dict(sample)),
@@ -72,14 +73,14 @@ def clean_features(args: DataArguments, chat: bool) -> Features:
     )
 
 
-def clean_record(raw, record_format: str, chat: bool, args: DataArguments) -> dict:
+def clean_record(raw, record_format: str, form: str, args: DataArguments) -> dict:
     """One record -> its samples, the hash of its clean content, why it is dropped, and cut utterance counts."""
     row = {"samples": [], "hash": 0, "reason": None, "problem": None, "cut_empty": 0, "cut_long": 0}
     if isinstance(raw, str) and not raw.strip():
         return {**row, "reason": "blank"}
     record = parse_record(raw, record_format)
-    if chat:
-        messages = messages_of(record)
+    if form != "dialogue":
+        messages = as_messages(record, form, args.dialogue_column)
         reason = None if any(m["role"] == "assistant" for m in messages) else "too_short"
         return {
             **row,
@@ -102,19 +103,21 @@ def clean_record(raw, record_format: str, chat: bool, args: DataArguments) -> di
     return row
 
 
-def clean_batch(batch: dict, indices: list[int], *, column: str, record_format: str, chat: bool, location: str, args):
+def clean_batch(batch: dict, indices: list[int], *, column, record_format: str, form: str, location: str, args):
     """Clean a batch of records (a `datasets` map): one output row per record, dropped ones flagged.
 
+    A record is the value of `column`, or the whole row when `column` is None (alpaca columns of a table).
     Returns an Arrow table, which `datasets` writes as it is: far faster than its encoding of nested lists.
     """
-    features = clean_features(args, chat)
+    features = clean_features(args, form)
+    records = batch[column] if column else pa.Table.from_pydict(batch).to_pylist()
     out = {name: [] for name in features}
     problems = batch.get("problem") or [None] * len(indices)
-    for raw, problem, index in zip(batch[column], problems, indices, strict=True):
+    for raw, problem, index in zip(records, problems, indices, strict=True):
         try:
             if problem:  # found while reading a JSON document
                 raise MalformedRecord(problem)
-            row = clean_record(raw, record_format, chat, args)
+            row = clean_record(raw, record_format, form, args)
         except MalformedRecord as err:
             row = {"samples": [], "hash": 0, "reason": "malformed", "problem": f"{location} {index + 1}: {err}"}
             row.update(cut_empty=0, cut_long=0)

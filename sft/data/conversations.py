@@ -11,6 +11,11 @@ SAMPLE_FEATURES = {
 }
 
 
+def sample_format(args: DataArguments, form: str) -> str:
+    """The sample format of a source: chat-form records (messages, alpaca, ShareGPT) stay whole conversations."""
+    return args.sample_format if form == "dialogue" else "multi_turn"
+
+
 def alternating_messages(utterances: list[str], system_prompt: str | None) -> list[dict]:
     """Chat messages of consecutive utterances: the first speaker is the user and the speakers alternate."""
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []

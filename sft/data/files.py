@@ -10,7 +10,8 @@ from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from sft.config import DataArguments
-from sft.data.records import MalformedRecord, Source, holds_chat, parse_record
+from sft.data.formats import record_form
+from sft.data.records import MalformedRecord, Source, parse_record
 from sft.errors import UserError
 
 FILE_KINDS = {
@@ -92,9 +93,9 @@ def read_lines(args: DataArguments, kind: str, path: Path, work: Path) -> Source
         lines = load_dataset("text", data_files=str(path), split="train", cache_dir=str(work))
     if kind == "text":
         return Source(args.dataset_name, kind, {"train": lines}, "text", "tsv", "line")
-    chat = False
-    for raw in lines[:100]["text"]:  # the kind of record is judged on the first one that parses
+    form = "dialogue" if args.data_format == "auto" else args.data_format
+    for raw in lines[:100]["text"]:  # the format is judged on the first record that parses
         with contextlib.suppress(MalformedRecord):
-            chat = holds_chat(parse_record(raw, "json"), args.dialogue_column)
+            form = record_form(parse_record(raw, "json"), args.dialogue_column, args.data_format)
             break
-    return Source(args.dataset_name, kind, {"train": lines}, "text", "json", "line", chat)
+    return Source(args.dataset_name, kind, {"train": lines}, "text", "json", "line", form)

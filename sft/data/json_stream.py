@@ -15,6 +15,7 @@ from datasets import Dataset, Features, Value
 
 from sft.config import DataArguments
 from sft.data.files import open_text, unreadable_as_user_error
+from sft.data.formats import as_messages, record_form
 from sft.data.records import (
     CHAT_FIELD,
     MESSAGES,
@@ -23,8 +24,6 @@ from sft.data.records import (
     WRITE_BATCH_ROWS,
     MalformedRecord,
     Source,
-    holds_chat,
-    messages_of,
     utterances_of,
 )
 from sft.errors import UserError
@@ -127,23 +126,31 @@ def json_document_items(reader: JsonReader, limit: int | None):
 class SplitFiles:
     """Dialogues of a JSON document, checked and written batch by batch to one Arrow file per split.
 
-    The kind of record (utterance lists or chat messages) is judged on the first one; a record that is neither
-    is kept as an empty row with its problem, to be counted as malformed.
+    The format (dialogue, or chat messages in any of their formats) is judged on the first record; chat formats are
+    converted to messages here. A record that does not parse is kept as an empty row with its problem, to be
+    counted as malformed.
     """
 
-    def __init__(self, folder: Path, field_name: str | None):
-        self.folder, self.field_name = folder, field_name
-        self.chat, self.pending, self.writers = None, {}, {}
+    def __init__(self, folder: Path, field_name: str | None, data_format: str):
+        self.folder, self.field_name, self.data_format = folder, field_name, data_format
+        self.form, self.pending, self.writers = None, {}, {}
+
+    @property
+    def chat(self) -> bool:
+        return self.form not in (None, "dialogue")
 
     @property
     def column(self) -> str:
         return CHAT_FIELD if self.chat else "dialog"
 
     def add(self, split: str, record) -> None:
-        if self.chat is None:
-            self.chat = holds_chat(record, self.field_name)
+        if self.form is None:
+            self.form = record_form(record, self.field_name, self.data_format)
         try:
-            body, problem = messages_of(record) if self.chat else utterances_of(record, self.field_name), None
+            if self.chat:
+                body, problem = as_messages(record, self.form, self.field_name), None
+            else:
+                body, problem = utterances_of(record, self.field_name), None
         except MalformedRecord as err:
             body, problem = None, str(err)
         bodies, problems = self.pending.setdefault(split, ([], []))
@@ -170,8 +177,9 @@ class SplitFiles:
 
 def read_json_document(args: DataArguments, kind: str, path: Path, work: Path) -> Source:
     """An LCCC JSON object or a JSON list of dialogues, read a dialogue at a time."""
-    files = SplitFiles(work, args.dialogue_column)
+    files = SplitFiles(work, args.dialogue_column, args.data_format)
     with unreadable_as_user_error(path), open_text(path) as stream:
         for split, record in json_document_items(JsonReader(stream, str(path)), args.max_samples):
             files.add(split, record)
-    return Source(args.dataset_name, kind, files.datasets(), files.column, "typed", "item", bool(files.chat))
+    form = "messages" if files.chat else "dialogue"
+    return Source(args.dataset_name, kind, files.datasets(), files.column, "typed", "item", form, files.form)

@@ -14,7 +14,7 @@ from datasets import Dataset, Features
 
 from sft.config import DataArguments
 from sft.data.clean import clean_batch, clean_features, flatten_samples
-from sft.data.conversations import SAMPLE_FEATURES
+from sft.data.conversations import SAMPLE_FEATURES, sample_format
 from sft.data.records import SPLITS, WRITE_BATCH_ROWS, Source
 from sft.data.sources import read_source
 from sft.errors import UserError
@@ -39,11 +39,11 @@ def clean_split(ds: Dataset, split: str, source: Source, args: DataArguments, wo
         batched=True,
         with_indices=True,
         remove_columns=ds.column_names,
-        features=clean_features(args, source.chat),
+        features=clean_features(args, source.form),
         fn_kwargs={
             "column": source.column,
             "record_format": source.record_format,
-            "chat": source.chat,
+            "form": source.form,
             "location": source.location if source.location == "line" else f"{split} {source.location}",
             "args": args,
         },
@@ -183,7 +183,7 @@ def prepare(args: DataArguments, seed: int, kind: str, path: Path | None, work: 
     dialogues = carve_missing_splits(keep, args, seed)
     counts["dialogues"] = {split: len(rows) for split, (_, rows) in dialogues.items()}
     lap("deduplicate_and_split")
-    features = SAMPLE_FEATURES["multi_turn" if source.chat else args.sample_format]
+    features = SAMPLE_FEATURES[sample_format(args, source.form)]
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
     for split, (origin, rows) in dialogues.items():
         collected = collect_samples(cleaned[origin], rows, features, work / f"samples-{split}.arrow")
@@ -191,5 +191,7 @@ def prepare(args: DataArguments, seed: int, kind: str, path: Path | None, work: 
     lap("collect_and_write")
     if not len(Dataset.from_file(str(out / "train.arrow"))):
         raise UserError(nothing_left(source.name, counts, args))
-    stats = {"dataset_name": source.name, "source_kind": source.kind, "chat_form": source.chat, **counts}
+    found = source.found_format or source.form
+    stats = {"dataset_name": source.name, "source_kind": source.kind, "chat_form": found != "dialogue", **counts}
+    stats["data_format"] = found
     return {**stats, "seconds": seconds}

@@ -22,10 +22,11 @@ class Source:
     name: str
     kind: str  # hub, lccc_json, json_list, jsonl, text, parquet
     splits: dict[str, Dataset]
-    column: str  # the column holding the records
+    column: str | None  # the column holding the records; None: each row is one
     record_format: str  # json, tsv or typed
     location: str  # what a record is called in messages: line, item, row
-    chat: bool = False
+    form: str = "dialogue"  # what the records in `column` are: dialogue, messages, alpaca or sharegpt
+    found_format: str | None = None  # the source's own format when the reader already converted it to messages
 
 
 class MalformedRecord(ValueError):
@@ -46,20 +47,21 @@ def parse_record(raw, record_format: str):
     return raw
 
 
-def holds_chat(record, field_name: str | None) -> bool:
-    """Whether a record is in chat form (`{"messages": [...]}`) rather than a dialogue of utterances."""
-    return isinstance(record, dict) and CHAT_FIELD in record and field_name in (None, CHAT_FIELD)
+def list_in(record, field_name: str | None, fields: tuple, what: str) -> list:
+    """A record that is a list, or the list an object holds under `field_name` or the first of `fields` it has."""
+    if isinstance(record, dict):
+        name = field_name or next((name for name in fields if name in record), None)
+        if name not in record:
+            raise MalformedRecord(f"no `{name or '`/`'.join(fields)}` field")
+        record = record[name]
+    if not isinstance(record, list):
+        raise MalformedRecord(f"a {what} must be a list")
+    return record
 
 
 def utterances_of(record, field_name: str | None) -> list[str]:
     """The utterances of a record: a list of texts, or an object holding one under `field_name` or a known field."""
-    if isinstance(record, dict):
-        name = field_name or next((name for name in DIALOGUE_FIELDS if name in record), None)
-        if name not in record:
-            raise MalformedRecord(f"no `{name or '`/`'.join(DIALOGUE_FIELDS)}` field")
-        record = record[name]
-    if not isinstance(record, list):
-        raise MalformedRecord("a dialogue must be a list of utterances")
+    record = list_in(record, field_name, DIALOGUE_FIELDS, "dialogue")
     if not all(isinstance(utterance, str) for utterance in record):
         raise MalformedRecord("an utterance is not text")
     return record

@@ -10,6 +10,7 @@ from datasets.exceptions import DatasetNotFoundError
 
 from sft.config import DataArguments
 from sft.data.files import data_suffix, file_kind, read_lines
+from sft.data.formats import ALPACA_FIELDS
 from sft.data.json_stream import read_json_document
 from sft.data.records import CHAT_FIELD, DIALOGUE_FIELDS, SPLIT_NAMES, Source
 from sft.errors import UserError
@@ -61,20 +62,27 @@ def load_hub(args: DataArguments) -> DatasetDict:
         raise UserError(f"could not load {args.dataset_name} from the Hub: {str(err).splitlines()[0]}") from None
 
 
-def typed_column(ds: Dataset, name: str, wanted: str | None) -> tuple[str, bool]:
-    """The dialogue column of a typed dataset, and whether it holds chat messages rather than utterance lists."""
-    for column in [wanted] if wanted else [CHAT_FIELD, *DIALOGUE_FIELDS]:
+def typed_records(ds: Dataset, name: str, args: DataArguments) -> tuple[list[str], str]:
+    """The columns that make one record of a typed dataset, and the records' format."""
+    wanted, forced = args.dialogue_column, args.data_format
+    if forced == "alpaca" or (forced == "auto" and not wanted and {"instruction", "output"} <= ds.features.keys()):
+        return [column for column in ALPACA_FIELDS if column in ds.features], "alpaca"
+    candidates = [wanted] if wanted else [CHAT_FIELD, "conversations", *DIALOGUE_FIELDS]
+    for column in candidates:
         if column not in ds.features:
             continue
         inner = getattr(ds.features[column], "feature", None)
-        if inner in (Value("string"), Value("large_string")):
-            return column, False
-        if isinstance(inner, dict) and {"role", "content"} <= inner.keys():
-            return column, True
-        raise UserError(f"column `{column}` of {name} is neither a list of texts nor a list of role/content messages")
+        if inner in (Value("string"), Value("large_string")) and forced in ("auto", "dialogue"):
+            return [column], "dialogue"
+        if isinstance(inner, dict) and ({"role", "content"} <= inner.keys() or {"from", "value"} <= inner.keys()):
+            chat_form = forced in ("auto", "messages") and "role" in inner and column != "conversations"
+            return [column], "messages" if chat_form else "sharegpt"
+        raise UserError(
+            f"column `{column}` of {name} is neither a list of texts nor a list of role/content or from/value messages"
+        )
     raise UserError(
-        f"{name} has no dialogue column (looked for {wanted or ', '.join([CHAT_FIELD, *DIALOGUE_FIELDS])}; it has "
-        f"{', '.join(ds.column_names)}): set `dialogue_column`"
+        f"{name} has no dialogue column (looked for {', '.join(candidates)}, and instruction/output for alpaca; "
+        f"it has {', '.join(ds.column_names)}): set `dialogue_column`"
     )
 
 
@@ -92,9 +100,10 @@ def read_typed(args: DataArguments, kind: str, path: Path | None, work: Path) ->
             logger.warning("ignoring split `%s`: not a train, validation or test split", split)
     if not splits:
         raise UserError(f"{args.dataset_name} has no train, validation or test split")
-    column, chat = typed_column(next(iter(splits.values())), args.dataset_name, args.dialogue_column)
-    splits = {split: ds.select_columns([column]) for split, ds in splits.items()}
-    return Source(args.dataset_name, kind, splits, column, "typed", "row", chat)
+    columns, form = typed_records(next(iter(splits.values())), args.dataset_name, args)
+    splits = {split: ds.select_columns(columns) for split, ds in splits.items()}
+    column = None if form == "alpaca" else columns[0]  # an alpaca record is the whole row
+    return Source(args.dataset_name, kind, splits, column, "typed", "row", form)
 
 
 READERS = {
@@ -112,6 +121,11 @@ def read_source(args: DataArguments, kind: str, path: Path | None, work: Path) -
     source = READERS[kind](args, kind, path, work)
     if not source.splits:
         raise UserError(f"{source.name} holds no dialogues")
+    if args.dataset_split:  # only this split, as train: validation and test are carved from it
+        only = SPLIT_NAMES.get(args.dataset_split, args.dataset_split)
+        if only not in source.splits:
+            raise UserError(f"{source.name} has no `{args.dataset_split}` split (it has {', '.join(source.splits)})")
+        source.splits = {"train": source.splits[only]}
     if "train" not in source.splits:
         raise UserError(f"{source.name} has no train split (it has {', '.join(source.splits)})")
     if args.max_samples:
