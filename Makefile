@@ -13,13 +13,14 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft data tiny-model eval chat merge test lint clean bench-data bench bench-gpu
+.PHONY: help venv sft data tiny-model eval chat serve merge test lint clean bench-data bench bench-gpu
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
 	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
 	@echo "make chat [MODEL_PATH=output/smoke]                             chat with it in the terminal"
+	@echo "make serve [MODEL_PATH=output/smoke] [ARGS='--port 8000']     OpenAI-compatible API + chat page on 127.0.0.1"
 	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]           merge the adapter into a standalone model"
 	@echo "make test                                                       run the test suite"
 	@echo "make lint                                                       ruff"
@@ -64,6 +65,9 @@ eval: $(VENV)/.installed $(MODEL_DEPS)
 
 chat: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft.chat --model_path $(MODEL_PATH) $(ARGS)
+
+serve: $(VENV)/.installed $(MODEL_DEPS)
+	$(PY) -m sft.serve --model_path $(MODEL_PATH) $(ARGS)
 
 merge: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft.merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
