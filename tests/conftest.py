@@ -20,6 +20,16 @@ def toy_data(shared_dir) -> Path:
     return shared_dir / "lccc" / "toy_data.json"
 
 
+@pytest.fixture(params=["shipped", "shared"], scope="session")
+def lccc_file(request) -> Path:
+    """A real LCCC-format file: the sample shipped in sft/assets, and as an extra ../shared's toy data."""
+    if request.param == "shipped":
+        from sft.tiny import SAMPLE_DATA
+
+        return SAMPLE_DATA
+    return request.getfixturevalue("toy_data")
+
+
 @pytest.fixture(scope="session")
 def reference_template(shared_dir) -> str:
     return (shared_dir / "reference" / "llama2-chat.jinja").read_text(encoding="utf-8")
