@@ -19,6 +19,7 @@ from sft import data as data_module
 from sft.config import Recipe
 from sft.machine import Facts, machine_facts
 from sft.model import load_tokenizer
+from sft.plan import PACKING_SAFE_STRATEGIES as SAFE_STRATEGIES
 from sft.plan import decide
 
 logger = logging.getLogger(__name__)
@@ -81,11 +82,13 @@ def memory_estimate_gb(recipe: Recipe, facts: Facts) -> dict | None:
     half = BYTES.get(model_args.dtype, 2)
     # NF4: 4 bits per weight plus one absmax per 64 weights (fp32, or 8-bit with nested quantization)
     weight_bits = (4 + (8.127 if model_args.use_bnb_nested_quant else 32) / 64) if model_args.load_in_4bit else 8 * half
-    sharded = facts.distributed_type.value in ("FSDP", "DEEPSPEED")
-    weights = (quantized * weight_bits / 8 + other * half) / (facts.num_processes if sharded else 1)
+    # FSDP/ZeRO-3 shard weights, LoRA weights and optimizer states; but transformers 5 loads a 4-bit model whole on
+    # every rank first (ZeRO-3's zero.Init and FSDP's rank-0 loading skip quantized models), so that is a floor
+    shards = facts.num_processes if facts.distributed_type.value in ("FSDP", "DEEPSPEED") else 1
+    whole = quantized * weight_bits / 8 + other * half
     lora = sum(model_args.lora_r * (m.in_features + m.out_features) for m in linear) if model_args.use_peft else 0
-    lora_bytes = lora * (4 if training.fp16 else 2)  # TRL keeps LoRA weights in bf16, fp32 under fp16 (sft/train.py)
-    optimizer = lora * (8 if "8bit" not in training.optim else 2)  # Adam's two states, 32-bit unless 8-bit
+    lora_bytes = lora * (4 if training.fp16 else 2) / shards  # TRL: LoRA in bf16; fp32 under fp16 (sft/train.py)
+    optimizer = lora * (8 if "8bit" not in training.optim else 2) / shards  # Adam's two states, 32-bit unless 8-bit
     rows, length = training.per_device_train_batch_size, training.max_length or 1024
     hidden, layers = config.hidden_size, config.num_hidden_layers
     # 16-bit activations of one layer: ~34 x tokens x hidden bytes (Korthikanti et al. 2022, memory-efficient
@@ -94,14 +97,20 @@ def memory_estimate_gb(recipe: Recipe, facts: Facts) -> dict | None:
     kept = layers * 2 * rows * length * hidden + per_layer if training.activation_checkpointing else layers * per_layer
     logits = 2 * rows * length * config.vocab_size * 4  # fp32 logits and their gradient
     gb = {
-        "weights": weights,
+        "weights": whole / shards,
         "lora_weights_and_gradients": 2 * lora_bytes,
         "optimizer_states": optimizer,
         "activations": kept,
         "logits": logits,
     }
     gb = {key: round(value / 1e9, 2) for key, value in gb.items()}
-    return {"total": round(sum(gb.values()) + 0.5, 1), "cuda_context_and_workspace": 0.5, **gb}
+    training_peak, load_peak = sum(gb.values()) + 0.5, whole / 1e9 + 0.5
+    return {
+        "total": round(max(training_peak, load_peak), 1),
+        "while_loading": round(load_peak, 1),  # the whole 4-bit model on this process
+        "cuda_context_and_workspace": 0.5,
+        **gb,
+    }
 
 
 def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:
@@ -121,7 +130,7 @@ def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:
         "fp16": training.fp16,
         "dtype": model.dtype,
         "attn_implementation": model.attn_implementation,
-        "device_map": kwargs.get("device_map", "TRL's default"),
+        "device_map": kwargs.get("device_map"),
         "load_in_4bit": model.load_in_4bit,
         "bnb_4bit_quant_storage": model.bnb_4bit_quant_storage or "uint8",
         "distributed_type": facts.distributed_type.value,
@@ -129,7 +138,8 @@ def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:
         "activation_checkpointing": training.activation_checkpointing,
         "ddp_find_unused_parameters": training.ddp_find_unused_parameters,
         "packing": training.packing,
-        "padding_free": training.padding_free,
+        # TRL turns padding-free on by itself for packing with bfd/bfd_split
+        "padding_free": training.padding_free or (training.packing and training.packing_strategy in SAFE_STRATEGIES),
         "train_sampling_strategy": training.train_sampling_strategy,
         **epoch,
         "peak_gpu_memory_estimate_gb": memory_estimate_gb(recipe, facts),

@@ -72,7 +72,7 @@ def choose_placement(recipe: Recipe, facts: Facts, changes: list[Change]) -> Non
         why = "the whole model on this process's GPU (device_map='auto' would spread it over every visible GPU)"
     else:
         return
-    changes.append(Change("device_map", kwargs.get("device_map", "TRL's default"), device_map, why))
+    changes.append(Change("device_map", kwargs.get("device_map", "TRL's default: 'auto'"), device_map, why))
     recipe.training.model_init_kwargs = {**kwargs, "device_map": device_map}
 
 

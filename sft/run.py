@@ -5,6 +5,7 @@ accelerate launch sft/run.py --config recipes/lccc_base.yaml --dry_run true   # 
 """
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
         from sft.dry_run import dry_run
 
         plan = dry_run(recipe)
-        print(yaml.safe_dump(plan, allow_unicode=True, sort_keys=False), end="")
+        if int(os.environ.get("RANK", "0")) == 0:  # one plan per launch, not one per process
+            print(yaml.safe_dump(plan, allow_unicode=True, sort_keys=False), end="")
         return plan
     datasets = load_conversations(recipe.data, recipe.training.seed)
 

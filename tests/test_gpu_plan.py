@@ -78,18 +78,51 @@ def test_a_t4_trains_in_fp16_not_emulated_bf16():
     assert same.training.bf16 and not same.training.fp16 and same.model.dtype == "bfloat16"
 
 
-def test_fp16_runs_keep_the_lora_weights_in_fp32(tiny_model, tmp_path):
-    """TRL casts the LoRA weights of a 4-bit model to bf16, which fp16's grad scaler cannot unscale."""
+@pytest.fixture(scope="module")
+def smoke_trainer(tiny_model, tmp_path_factory):
     from sft.data import load_conversations
-    from sft.train import build_trainer, keep_lora_weights_in_fp32_under_fp16
+    from sft.train import build_trainer
 
-    r = recipe("--output_dir", str(tmp_path), "--eval_strategy", "no")
-    trainer = build_trainer(r, load_conversations(r.data, r.training.seed))
-    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    r = recipe("--output_dir", str(tmp_path_factory.mktemp("trainer")), "--eval_strategy", "no")
+    return build_trainer(r, load_conversations(r.data, r.training.seed))
+
+
+def test_fp16_runs_keep_the_lora_weights_in_fp32(smoke_trainer):
+    """TRL casts the LoRA weights of a 4-bit model to bf16, which fp16's grad scaler cannot unscale."""
+    from sft.train import keep_lora_weights_in_fp32_under_fp16
+
+    trainable = [p for p in smoke_trainer.model.parameters() if p.requires_grad]
     assert {p.dtype for p in trainable} == {torch.bfloat16}  # TRL's cast, what fp16 cannot train
-    trainer.args.fp16 = True  # as on a T4 (fp16 cannot be turned on in a CPU run)
-    keep_lora_weights_in_fp32_under_fp16(trainer)
+    smoke_trainer.args.fp16 = True  # as on a T4 (fp16 cannot be turned on in a CPU run)
+    try:
+        keep_lora_weights_in_fp32_under_fp16(smoke_trainer)
+    finally:
+        smoke_trainer.args.fp16 = False
     assert {p.dtype for p in trainable} == {torch.float32}
+
+
+def test_counts_known_on_the_host_are_counted_there(smoke_trainer):
+    """Batch slots are known on the host: adding them never copies a Python int to the device per micro-batch."""
+    batch = next(iter(smoke_trainer.get_train_dataloader()))
+    model = smoke_trainer.model.train()
+    with torch.no_grad():
+        smoke_trainer.compute_loss(model, dict(batch))
+    assert smoke_trainer.batch_slots == batch["input_ids"].numel() and isinstance(smoke_trainer.batch_slots, int)
+    real, supervised = smoke_trainer.device_counts.tolist()
+    assert real == int(batch["attention_mask"].sum()) and supervised == int((batch["labels"][:, 1:] != -100).sum())
+    slots, real_gathered, _ = smoke_trainer.gathered_counts()[0].tolist()
+    assert (slots, real_gathered) == (batch["input_ids"].numel(), real)
+
+
+def test_training_time_leaves_out_evaluation_and_saving(monkeypatch):
+    from sft import train as train_module
+
+    now = iter([0.0, 1.0, 5.0, 6.0, 9.0, 10.0])  # begin, step, evaluation ends, step, save ends, step
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(now))
+    clock = train_module.TrainingClock()
+    for event in ("on_train_begin", "on_step_end", "on_evaluate", "on_step_end", "on_save", "on_step_end"):
+        getattr(clock, event)(None, None, None)
+    assert clock.seconds() == 10 - 4 - 3
 
 
 @pytest.mark.parametrize(
