@@ -38,8 +38,14 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
+from transformers.utils import is_liger_kernel_available
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from sft.machine import attention_for, machine_facts  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMA2_7B = {
     "hidden_size": 4096,
@@ -113,8 +119,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cell:
         return args
-    import torch
-
     if not args.small and not torch.cuda.is_available():
         print("no GPU here: running the scaled-down shape (--small); the 7B shape needs a GPU", file=sys.stderr)
         args.small = True
@@ -133,17 +137,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def launcher_attention() -> str:
     """What sft/plan.py picks for a bf16 run on this machine (one place for the rule: sft/machine.py)."""
-    from sft.machine import attention_for, machine_facts
-
     return attention_for(machine_facts(), "bfloat16")
 
 
 def missing_for(variant: Variant, facts) -> str | None:
     """Why a variant cannot run on a machine with these facts, or None when it can."""
-    from transformers.utils import is_liger_kernel_available
-
-    from sft.machine import attention_for
-
     if variant.attention == "flash_attention_2" and attention_for(facts, "bfloat16") != "flash_attention_2":
         if not facts.cuda or facts.capability < (8, 0):
             return "FlashAttention-2 needs an Ampere-or-newer GPU"
@@ -293,10 +291,7 @@ def main(argv=None) -> None:
 
         print(json.dumps(measure(json.loads(args.cell), args.warmup_steps, args.steps)))
         return
-    import torch
-
     from benchmarks.bench_gpu_cell import write_random_checkpoint
-    from sft.machine import machine_facts
 
     facts = machine_facts()
     shape = SMALL if args.small else LLAMA2_7B

@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--output", type=Path, help="results JSON (benchmarks/results/gpu_check.json; without CUDA build/...)"
     )
-    parser.add_argument("--bench_time_budget_s", type=float, default=200, help="time for the benchmark rows")
+    parser.add_argument("--bench_time_budget_s", type=float, default=240, help="time for the benchmark rows")
     args = parser.parse_args(argv)
     cuda = machine_facts().cuda
     output = args.output or ROOT / ("benchmarks/results/gpu_check.json" if cuda else "build/gpu_check_cpu.json")

@@ -67,7 +67,7 @@ def choose_placement(recipe: Recipe, facts: Facts, changes: list[Change]) -> Non
         return
     if facts.distributed_type in SHARDING:
         device_map, why = None, f"{facts.distributed_type.value} shards and places the weights itself"
-    elif facts.cuda:
+    elif facts.cuda:  # under DDP TRL passes None, which the 4-bit loader resolves to this same GPU
         device_map = {"": facts.local_rank}
         why = "the whole model on this process's GPU (device_map='auto' would spread it over every visible GPU)"
     else:

@@ -1,5 +1,6 @@
-"""The GPU benchmark and `make gpu-check`: FLOP count, one GPU per cell, and real runs of their CPU forms."""
+"""The GPU benchmark and `make gpu-check`: FLOP count, one GPU per cell, skips, and a real run of the CPU form."""
 
+import dataclasses
 import json
 import sys
 
@@ -7,9 +8,22 @@ import pytest
 import torch
 from conftest import run_command
 from peft import LoraConfig, get_peft_model
+from test_gpu_plan import H100
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.bench_gpu import LLAMA2_7B, SMALL, attended_length, flops_per_token, one_gpu_env, peak_flops
+from benchmarks import bench_gpu as bench_gpu_module
+from benchmarks.bench_gpu import (
+    LLAMA2_7B,
+    SMALL,
+    VARIANTS,
+    attended_length,
+    flops_per_token,
+    missing_for,
+    one_gpu_env,
+    peak_flops,
+)
+
+CPU = dataclasses.replace(H100, cuda=False, capability=None)
 
 LLAMA2_7B_PARAMETERS = 6_738_415_616  # meta-llama/Llama-2-7b-hf
 
@@ -62,21 +76,20 @@ def test_the_gpu_peak_is_known_by_name(name, peak):
     assert peak_flops(name, None) == peak
 
 
-def test_the_small_shape_runs_on_cpu_one_process_per_cell(tmp_path):
-    output = tmp_path / "speed.json"
-    command = [sys.executable, "benchmarks/bench_gpu.py", "--small", "--lengths", "64", "--output", str(output)]
-    result = run_command([*command, "--variants", "sdpa,fa2,sdpa-liger"], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {row["key"]: row for row in json.loads(output.read_text())["results"]}
-    assert rows["sdpa"]["status"] == "ok", rows["sdpa"]
-    assert rows["sdpa"]["tokens_per_s"] > 0 and rows["sdpa"]["peak_allocated_gb"] > 0
-    assert rows["sdpa"]["model_tflops_per_s"] > 0
-    if not torch.cuda.is_available():
-        assert rows["sdpa"]["mfu"] is None  # no known peak for a CPU
-        assert rows["fa2"]["status"] == rows["sdpa-liger"]["status"] == "skipped"
-        assert "GPU" in rows["fa2"]["reason"] and "GPU" in rows["sdpa-liger"]["reason"]
-    assert "| sdpa | sdpa | on | off | on | 16 | 2 x 1 | 64 |" in result.stdout
-    assert "2,415" in result.stdout and "3,726" in result.stdout
+@pytest.mark.parametrize(
+    ("facts", "fa2", "liger"),
+    [
+        (H100, None, None),
+        (dataclasses.replace(H100, flash_attn_2=False), "flash-attn is not installed", None),
+        (dataclasses.replace(H100, capability=(7, 5)), "FlashAttention-2 needs an Ampere-or-newer GPU", None),
+        (CPU, "FlashAttention-2 needs an Ampere-or-newer GPU", "Liger kernels need a GPU"),
+    ],
+)
+def test_a_variant_that_cannot_run_here_is_skipped_with_the_reason(facts, fa2, liger, monkeypatch):
+    monkeypatch.setattr(bench_gpu_module, "is_liger_kernel_available", lambda: True)
+    assert missing_for(VARIANTS["fa2"], facts) == fa2
+    assert missing_for(VARIANTS["sdpa-liger"], facts) == liger
+    assert missing_for(VARIANTS["sdpa"], facts) is None
 
 
 def test_gpu_check_runs_its_cpu_form_end_to_end(tiny_model, tmp_path):
@@ -91,5 +104,10 @@ def test_gpu_check_runs_its_cpu_form_end_to_end(tiny_model, tmp_path):
     assert int(resumed["stopped_at"].split("-")[1]) < 24
     bench = steps["benchmark_rows"]
     assert bench["status"] == "ok" and {row["key"] for row in bench["results"]} == {"sdpa", "llamafactory-sdpa"}
+    for row in bench["results"]:  # each cell ran in its own process and reported speed, memory and model FLOPs
+        assert row["tokens_per_s"] > 0 and row["peak_allocated_gb"] > 0 and row["model_tflops_per_s"] > 0
+        assert row["mfu"] is None or 0 < row["mfu"] < 1
+    assert "| llamafactory-sdpa | sdpa | on | off | off | 8 |" in result.stdout
+    assert "2,415" in result.stdout and "3,726" in result.stdout
     if not torch.cuda.is_available():
         assert steps["smoke_on_cuda"]["status"] == steps["two_processes"]["status"] == "skipped"
