@@ -19,8 +19,7 @@ from sft import data as data_module
 from sft.config import Recipe
 from sft.machine import Facts, machine_facts
 from sft.model import load_tokenizer
-from sft.plan import PACKING_SAFE_STRATEGIES as SAFE_STRATEGIES
-from sft.plan import decide
+from sft.plan import PACKING_SAFE_STRATEGIES, SHARDING, decide
 
 logger = logging.getLogger(__name__)
 MEASURED_SAMPLES = 2000  # samples tokenized to estimate the epoch's tokens (all of them when fewer)
@@ -84,7 +83,7 @@ def memory_estimate_gb(recipe: Recipe, facts: Facts) -> dict | None:
     weight_bits = (4 + (8.127 if model_args.use_bnb_nested_quant else 32) / 64) if model_args.load_in_4bit else 8 * half
     # FSDP/ZeRO-3 shard weights, LoRA weights and optimizer states; but transformers 5 loads a 4-bit model whole on
     # every rank first (ZeRO-3's zero.Init and FSDP's rank-0 loading skip quantized models), so that is a floor
-    shards = facts.num_processes if facts.distributed_type.value in ("FSDP", "DEEPSPEED") else 1
+    shards = facts.num_processes if facts.distributed_type in SHARDING else 1
     whole = quantized * weight_bits / 8 + other * half
     lora = sum(model_args.lora_r * (m.in_features + m.out_features) for m in linear) if model_args.use_peft else 0
     lora_bytes = lora * (4 if training.fp16 else 2) / shards  # TRL: LoRA in bf16; fp32 under fp16 (sft/train.py)
@@ -123,6 +122,7 @@ def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:
     changes = decide(recipe, facts)
     tokenizer = load_tokenizer(model, training)
     kwargs = training.model_init_kwargs or {}
+    packs_bfd = training.packing and training.packing_strategy in PACKING_SAFE_STRATEGIES
     with tempfile.TemporaryDirectory(prefix="dry-run-") as scratch:
         epoch = epoch_figures(recipe, prepared_data(recipe, scratch), tokenizer, facts.num_processes)
     return {
@@ -139,7 +139,7 @@ def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:
         "ddp_find_unused_parameters": training.ddp_find_unused_parameters,
         "packing": training.packing,
         # TRL turns padding-free on by itself for packing with bfd/bfd_split
-        "padding_free": training.padding_free or (training.packing and training.packing_strategy in SAFE_STRATEGIES),
+        "padding_free": training.padding_free or packs_bfd,
         "train_sampling_strategy": training.train_sampling_strategy,
         **epoch,
         "peak_gpu_memory_estimate_gb": memory_estimate_gb(recipe, facts),

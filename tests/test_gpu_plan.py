@@ -180,7 +180,7 @@ def test_dry_run_prints_the_plan_of_an_fsdp_launch_on_t4s(tiny_model, monkeypatc
     assert plan["distributed_type"] == "FSDP" and plan["num_processes"] == 2
     assert plan["changed"]["bnb_4bit_quant_storage"]["recipe"] is None
     assert set(plan["changed"]) >= {"bf16", "fp16", "dtype", "device_map", "activation_checkpointing"}
-    assert plan["packing"] and plan["effective_batch"] == 8 * 1 * 2
+    assert plan["packing"] and plan["padding_free"] and plan["effective_batch"] == 8 * 1 * 2
     assert plan["peak_gpu_memory_estimate_gb"]["total"] > 0
 
 
