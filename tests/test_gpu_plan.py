@@ -184,6 +184,15 @@ def test_dry_run_prints_the_plan_of_an_fsdp_launch_on_t4s(tiny_model, monkeypatc
     assert plan["peak_gpu_memory_estimate_gb"]["total"] > 0
 
 
+def test_dry_run_shows_the_placement_ddp_and_attention_decisions(tiny_model):
+    ddp = dry_run(recipe(*LCCC_BASE_LIKE), DDP)
+    assert ddp["device_map"] == {"": 3} and ddp["ddp_find_unused_parameters"] is False
+    assert ddp["attn_implementation"] == "flash_attention_2" and ddp["activation_checkpointing"]
+    assert {"device_map", "ddp_find_unused_parameters", "attn_implementation"} <= set(ddp["changed"])
+    smoke_on_h100 = dry_run(recipe(), H100)  # fp32: FlashAttention-2 would reject its tensors
+    assert smoke_on_h100["attn_implementation"] == "sdpa" and smoke_on_h100["device_map"] == {"": 0}
+
+
 def test_dry_run_refuses_unsafe_packing_and_loads_and_writes_nothing(tiny_model, tmp_path):
     output_dir = tmp_path / "out"
     command = ["python", "sft/run.py", "--config", "recipes/smoke.yaml", "--dry_run", "true"]
