@@ -74,6 +74,19 @@ def choose_placement(recipe: Recipe, facts: Facts, changes: list[Change]) -> Non
         return
     changes.append(Change("device_map", kwargs.get("device_map", "TRL's default: 'auto'"), device_map, why))
     recipe.training.model_init_kwargs = {**kwargs, "device_map": device_map}
+    if facts.distributed_type == DistributedType.NO:
+        one_process_one_gpu(recipe.training, changes)
+
+
+def one_process_one_gpu(training, changes: list[Change]) -> None:
+    """A single process sees every GPU of the machine: the Trainer would wrap the model in DataParallel (which
+    SFTTrainer refuses) unless the model is split; it trains on one, as the Trainer itself sets for a split model."""
+    training.device  # noqa: B018 - the Trainer's device setup, run now: run later it would reset the count set below
+    gpus = training.n_gpu
+    if gpus > 1:
+        why = f"{gpus} GPUs visible to one process: it trains on cuda:0 only, not DataParallel (SFTTrainer refuses it)"
+        changes.append(Change("n_gpu", gpus, 1, why))
+        training._n_gpu = 1  # as Trainer does for a model placed with device_map (trainer.py, is_model_parallel)
 
 
 def choose_quant_storage(recipe: Recipe, facts: Facts, changes: list[Change]) -> None:

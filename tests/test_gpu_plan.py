@@ -160,6 +160,17 @@ def test_one_process_takes_its_own_gpu_and_ddp_skips_the_unused_parameter_search
     assert mine.training.ddp_find_unused_parameters is True  # the recipe's choice wins
 
 
+def test_one_process_on_a_machine_with_several_gpus_trains_on_one(monkeypatch):
+    """Without a launcher the Trainer counts every visible GPU and would wrap the model in DataParallel, which
+    SFTTrainer refuses; with the model whole on cuda:0 the process trains on that GPU alone."""
+    r = recipe(*LCCC_BASE_LIKE)
+    assert r.training.device.type == "cpu"  # the device setup runs here first; then the 4-GPU machine is stated
+    r.training._n_gpu = 4
+    changes = {c.key: c for c in decide(r, ONE_GPU)}
+    assert r.training.n_gpu == 1 and changes["n_gpu"].was == 4
+    assert r.training.model_init_kwargs["device_map"] == {"": 0}
+
+
 def test_the_recipe_device_map_wins():
     r = recipe("--model_init_kwargs", '{"device_map": "auto"}')
     decide(r, DDP)
