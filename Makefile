@@ -13,10 +13,11 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft data tiny-model eval chat serve merge test lint clean bench-data bench bench-gpu
+.PHONY: help venv sft plan data tiny-model eval chat serve merge test lint clean bench-data bench bench-gpu gpu-check
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
+	@echo "make plan [RECIPE=...] [ACCELERATE_CONFIG=...]                  what a run would decide, without loading or writing"
 	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
 	@echo "make chat [MODEL_PATH=output/smoke]                             chat with it in the terminal"
@@ -28,6 +29,7 @@ help:
 	@echo "make bench-data [ARGS='--dialogues 1000000']                    time data preparation on synthetic LCCC"
 	@echo "make bench [ARGS='--repeats 3']                                 CPU speed: our launcher vs TRL's trl sft"
 	@echo "make bench-gpu [ARGS='--variants sdpa,fa2']                     QLoRA speed of a Llama-2-7B shape on one GPU"
+	@echo "make gpu-check                                                  check a GPU machine end to end (one JSON)"
 
 venv: $(VENV)/.installed
 
@@ -45,6 +47,9 @@ $(TINY_MODEL)/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample
 sft: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(LAUNCH) --config $(RECIPE) $(ARGS)
 
+plan: $(VENV)/.installed $(TINY_MODEL)/config.json
+	$(LAUNCH) --config $(RECIPE) --dry_run true $(ARGS)
+
 data: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(PY) -m sft.data --config $(RECIPE) $(ARGS)
 
@@ -56,6 +61,9 @@ bench: $(VENV)/.installed $(TINY_MODEL)/config.json
 
 bench-gpu: $(VENV)/.installed
 	$(PY) benchmarks/bench_gpu.py $(ARGS)
+
+gpu-check: $(VENV)/.installed $(TINY_MODEL)/config.json
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 $(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(LAUNCH) --config recipes/smoke.yaml
