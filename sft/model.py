@@ -16,7 +16,8 @@ from sft.errors import UserError
 from sft.template import training_chat_template
 
 logger = logging.getLogger(__name__)
-TINY_MODEL_DIR = "build/tiny-llama"  # where `make tiny-model` builds the smoke model
+# where `make tiny-model` builds the smoke models, by family (`python -m sft.tiny --family ...`)
+TINY_MODEL_DIRS = {"llama": "build/tiny-llama", "qwen2_5": "build/tiny-qwen2_5", "llama3": "build/tiny-llama3"}
 # Attention backends that keep the sequences of a padding-free pack apart (via position_ids / cu_seq_lens).
 PACKING_SAFE_ATTENTION = {"flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager"}
 PACKING_SAFE_STRATEGIES = {"bfd", "bfd_split"}
@@ -30,7 +31,7 @@ def check_model_source(name: str | None) -> None:
     if path.is_dir():
         return
     meant_local = name.startswith((".", "/", "~")) or path.exists() or Path(path.parts[0]).is_dir()
-    if name == TINY_MODEL_DIR:
+    if name in TINY_MODEL_DIRS.values():
         raise UserError(f"the smoke model {name} is not built yet: run `make tiny-model` (or `make sft`)")
     if meant_local or name.count("/") != 1:
         raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`")
@@ -102,6 +103,20 @@ def quantization_config(model_args: ModelConfig):
     if model_args.load_in_4bit and shards_weights() and model_args.bnb_4bit_quant_storage is None:
         model_args = dataclasses.replace(model_args, bnb_4bit_quant_storage=model_args.dtype)
     return get_quantization_config(model_args)
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel during evaluation.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` run in eval mode without gradients repacks its weights for
+    `gemv_4bit` and keeps them so: training after the first evaluation then goes through a kernel with no
+    backward (gradients to earlier layers are silently dropped) and fails outright on layers with a bias (Qwen2).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def keep_packed_sequences_apart(training_args: SFTConfig, attention: str) -> None:

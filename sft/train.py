@@ -20,7 +20,13 @@ from trl import SFTTrainer, get_peft_config
 from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
 from sft.config import Recipe, save_resolved_recipe
 from sft.errors import UserError
-from sft.model import keep_packed_sequences_apart, load_tokenizer, model_init_kwargs, quantization_config
+from sft.model import (
+    keep_4bit_layers_differentiable,
+    keep_packed_sequences_apart,
+    load_tokenizer,
+    model_init_kwargs,
+    quantization_config,
+)
 
 logger = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
@@ -92,7 +98,7 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     if evaluating and not len(datasets.get("validation", [])):
         raise UserError("eval_strategy asks for evaluation but the data has no validation samples (see val_size)")
     args.eval_on_start = args.eval_on_start and evaluating
-    return CountingSFTTrainer(
+    trainer = CountingSFTTrainer(
         model=recipe.model.model_name_or_path,
         args=args,
         train_dataset=datasets["train"],
@@ -101,6 +107,8 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         quantization_config=quantization_config(recipe.model),
         peft_config=get_peft_config(recipe.model),
     )
+    keep_4bit_layers_differentiable(trainer.model)
+    return trainer
 
 
 def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss: float) -> dict:
