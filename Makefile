@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 RECIPE ?= recipes/smoke.yaml
 ARGS ?=
 ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
-TINY_MODEL := build/tiny-llama
+# The smoke models, one per family (sft/tiny.py): Llama-2, Qwen2.5 and Llama-3 lookalikes.
+TINY_MODELS := build/tiny-llama/config.json build/tiny-qwen2_5/config.json build/tiny-llama3/config.json
 MODEL_PATH ?= output/smoke
 MERGED_DIR ?= $(MODEL_PATH)-merged
 SMOKE_OUTPUT := output/smoke
@@ -25,7 +26,7 @@ help:
 	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]           merge the adapter into a standalone model"
 	@echo "make test                                                       run the test suite"
 	@echo "make lint                                                       ruff"
-	@echo "make tiny-model                                                 build the smoke run's tiny model"
+	@echo "make tiny-model                                                 build the smoke runs' tiny models"
 	@echo "make bench-data [ARGS='--dialogues 1000000']                    time data preparation on synthetic LCCC"
 	@echo "make bench [ARGS='--repeats 3']                                 CPU speed: our launcher vs TRL's trl sft"
 	@echo "make bench-gpu [ARGS='--variants sdpa,fa2']                     QLoRA speed of a Llama-2-7B shape on one GPU"
@@ -39,33 +40,33 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-tiny-model: $(TINY_MODEL)/config.json
+tiny-model: $(TINY_MODELS)
 
-$(TINY_MODEL)/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample.json
-	$(PY) -m sft.tiny --output_dir $(TINY_MODEL)
+build/tiny-%/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample.json
+	$(PY) -m sft.tiny --family $* --output_dir build/tiny-$*
 
-sft: $(VENV)/.installed $(TINY_MODEL)/config.json
+sft: $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config $(RECIPE) $(ARGS)
 
-plan: $(VENV)/.installed $(TINY_MODEL)/config.json
+plan: $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config $(RECIPE) --dry_run true $(ARGS)
 
-data: $(VENV)/.installed $(TINY_MODEL)/config.json
+data: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m sft.data --config $(RECIPE) $(ARGS)
 
 bench-data: $(VENV)/.installed
 	$(PY) benchmarks/bench_data.py $(ARGS)
 
-bench: $(VENV)/.installed $(TINY_MODEL)/config.json
+bench: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) benchmarks/bench_speed.py $(ARGS)
 
 bench-gpu: $(VENV)/.installed
 	$(PY) benchmarks/bench_gpu.py $(ARGS)
 
-gpu-check: $(VENV)/.installed $(TINY_MODEL)/config.json
+gpu-check: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) benchmarks/gpu_check.py $(ARGS)
 
-$(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODEL)/config.json
+$(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config recipes/smoke.yaml
 
 eval: $(VENV)/.installed $(MODEL_DEPS)
@@ -80,7 +81,7 @@ serve: $(VENV)/.installed $(MODEL_DEPS)
 merge: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft.merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
 
-test: $(VENV)/.installed $(TINY_MODEL)/config.json
+test: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

@@ -11,7 +11,8 @@ from sft.errors import UserError
 from sft.template import training_chat_template
 
 logger = logging.getLogger(__name__)
-TINY_MODEL_DIR = "build/tiny-llama"  # where `make tiny-model` builds the smoke model
+# where `make tiny-model` builds the smoke models, by family (`python -m sft.tiny --family ...`)
+TINY_MODEL_DIRS = {"llama": "build/tiny-llama", "qwen2_5": "build/tiny-qwen2_5", "llama3": "build/tiny-llama3"}
 
 
 def check_model_source(name: str | None) -> None:
@@ -22,7 +23,7 @@ def check_model_source(name: str | None) -> None:
     if path.is_dir():
         return
     meant_local = name.startswith((".", "/", "~")) or path.exists() or Path(path.parts[0]).is_dir()
-    if name == TINY_MODEL_DIR:
+    if name in TINY_MODEL_DIRS.values():
         raise UserError(f"the smoke model {name} is not built yet: run `make tiny-model` (or `make sft`)")
     if meant_local or name.count("/") != 1:
         raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`")
@@ -80,3 +81,17 @@ def model_init_kwargs(model_args: ModelConfig, training_args: SFTConfig) -> dict
     }
     kwargs.update(training_args.model_init_kwargs or {})
     return kwargs
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel during evaluation.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` run in eval mode without gradients repacks its weights for
+    `gemv_4bit` and keeps them so: training after the first evaluation then goes through a kernel with no
+    backward (gradients to earlier layers are silently dropped) and fails outright on layers with a bias (Qwen2).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -23,7 +23,7 @@ from sft.config import Recipe, save_resolved_recipe
 from sft.data import held_out_by_source
 from sft.errors import UserError
 from sft.machine import machine_facts, peak_memory
-from sft.model import load_tokenizer, model_init_kwargs
+from sft.model import keep_4bit_layers_differentiable, load_tokenizer, model_init_kwargs
 from sft.plan import decide
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
             f"{recipe.model.model_name_or_path}; use `all-linear` or names of its linear layers (e.g. q_proj v_proj)"
         ) from None
     keep_lora_weights_in_fp32_under_fp16(trainer)
+    keep_4bit_layers_differentiable(trainer.model)
     return trainer
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 from accelerate.utils import DistributedType
-from conftest import SMOKE_RECIPE, run_command
+from helpers import SMOKE_RECIPE, run_command
 
 from sft.config import parse_recipe
 from sft.dry_run import dry_run

@@ -7,8 +7,8 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from conftest import LAUNCH, run_command
 from datasets import Dataset
+from helpers import LAUNCH, run_command
 
 from sft.config import DataArguments
 from sft.data import load_conversations, mixture
