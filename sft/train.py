@@ -162,17 +162,27 @@ def create_output_dir(output_dir: Path) -> None:
         raise UserError(f"cannot create output_dir {output_dir}: {err.strerror or err}") from None
 
 
+def eval_loss_curves(log_history: list[dict]) -> dict[str, dict]:
+    """Each evaluation loss a run logged (`eval_loss`, or `eval_<source>_loss` for a mixture): first, last, all."""
+    curves = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith("eval_") and key.endswith("_loss"):
+                curves.setdefault(key, []).append(value)
+    return {key: {"first": losses[0], "last": losses[-1], "history": losses} for key, losses in curves.items()}
+
+
 def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss: float) -> dict:
     """What the run did; the runtime and the speeds count training only, not evaluation or checkpoint saving."""
-    eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    curves = eval_loss_curves(trainer.state.log_history)
     counts = trainer.gathered_counts()
     slots, train_tokens, supervised = counts.sum(dim=0).tolist()
     memory = peak_memory(trainer.model.device)
     return {
         "train_loss": train_loss,
-        "eval_loss": {"first": eval_losses[0], "last": eval_losses[-1], "history": eval_losses}
-        if eval_losses
-        else None,
+        "eval_loss": curves.pop("eval_loss", None),
+        "eval_loss_by_source": {key.removeprefix("eval_").removesuffix("_loss"): c for key, c in curves.items()}
+        or None,
         "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_samples": len(trainer.train_dataset),

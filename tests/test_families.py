@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from helpers import LAUNCH, ROOT, run_command
-from test_template import HANDWRITTEN, SYSTEM, supervised_runs
+from test_template import HANDWRITTEN, lccc_conversations, supervised_runs
 from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
 from trl.chat_template_utils import (
     has_generation_markers,
@@ -22,7 +22,6 @@ from trl.chat_template_utils import (
 )
 
 from sft.config import parse_recipe
-from sft.data import dialogue_to_samples, normalize_utterance
 from sft.errors import UserError
 from sft.model import TINY_MODEL_DIRS
 from sft.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
@@ -78,13 +77,7 @@ def tokenizer(family):
 @pytest.fixture(scope="module")
 def conversations():
     """Handwritten cases plus dialogues of the shipped sample, one to three turns, with and without a system prompt."""
-    dialogues = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))["train"][:20]
-    sample = []
-    for i, dialogue in enumerate(dialogues):
-        utterances = [normalize_utterance(u) for u in dialogue]
-        sample += [s["messages"] for s in dialogue_to_samples(utterances, 3, SYSTEM if i % 2 else None)]
-    assert {sum(m["role"] == "assistant" for m in c) for c in sample} >= {1, 2, 3}
-    return HANDWRITTEN + sample
+    return HANDWRITTEN + lccc_conversations(SAMPLE_DATA, 20)
 
 
 def test_the_tiny_model_ships_the_official_template_and_stops_at_the_end_of_turn(family, tokenizer):
