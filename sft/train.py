@@ -20,6 +20,7 @@ from trl import SFTTrainer, get_peft_config
 from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
 from sft.config import Recipe, save_resolved_recipe
 from sft.errors import UserError
+from sft.generation import GenerationArguments, save_generation_config
 from sft.model import keep_packed_sequences_apart, load_tokenizer, model_init_kwargs, quantization_config
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
     trainer.save_model(str(staging))
     if state.is_main_process:
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        save_generation_config(staging, GenerationArguments(), trainer.processing_class)  # eval/chat/serve defaults
         publish_final_outputs(staging, output_dir, summary)
         logger.info("run finished: adapter and run_summary.json in %s", output_dir)
     trainer.accelerator.end_training()
