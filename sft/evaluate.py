@@ -171,7 +171,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
     if args.knowledge:
         from sft.knowledge import accuracy, compare, task_manager
 
-        manager = task_manager(args.knowledge_tasks_dir)
+        manager = task_manager(args.knowledge, args.knowledge_tasks_dir)
 
     def evaluated(model, label: str) -> tuple[dict, dict | None]:
         result = evaluate_model(model, tokenizer, ppl_conversations, contexts, references, settings, generation, label)

@@ -11,15 +11,17 @@ from sft.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-def task_manager(tasks_dir: str | None):
-    """lm-eval's task index: its built-in tasks, or only the task YAMLs in `tasks_dir`."""
+def task_manager(tasks: list[str], tasks_dir: str | None):
+    """lm-eval's task index (its built-in tasks, or only the task YAMLs in `tasks_dir`), knowing all `tasks`."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError('--knowledge needs lm-eval: pip install -e ".[eval]"') from None
-    if tasks_dir:
-        return TaskManager(include_path=tasks_dir, include_defaults=False)
-    return TaskManager()
+    manager = TaskManager(include_path=tasks_dir, include_defaults=False) if tasks_dir else TaskManager()
+    unknown = [task for task in tasks if not manager.match_tasks([task])]
+    if unknown:
+        raise UserError(f"--knowledge: lm-eval knows no task {', '.join(unknown)}")
+    return manager
 
 
 def accuracy(model, tokenizer, tasks: list[str], manager, limit: int | None, batch_size: int) -> dict:
@@ -27,9 +29,6 @@ def accuracy(model, tokenizer, tasks: list[str], manager, limit: int | None, bat
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    unknown = [task for task in tasks if not manager.match_tasks([task])]
-    if unknown:
-        raise UserError(f"--knowledge: lm-eval knows no task {', '.join(unknown)}")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
     scores = {**results.get("groups", {}), **results["results"]}
