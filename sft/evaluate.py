@@ -51,13 +51,25 @@ from sft.metrics import score_replies
 logger = logging.getLogger(__name__)
 
 HEADLINE_DECODING = "sampling"  # the LCCC paper scores replies decoded with nucleus sampling
+BACKENDS = ["transformers", "vllm"]
 WORST_REPLIES = 20  # at most this many looping or unstopped replies kept in the report
 
 
 def evaluate_model(
-    model, tokenizer, conversations, contexts, references, settings: dict, generation: GenerationArguments, label: str
+    model,
+    tokenizer,
+    conversations,
+    contexts,
+    references,
+    settings: dict,
+    generation: GenerationArguments,
+    label: str,
+    engine=None,
 ) -> dict:
-    """Perplexity, then replies decoded both ways with their metrics, speed and per-reply loop values."""
+    """Perplexity, then replies decoded both ways with their metrics, speed and per-reply loop values.
+
+    `engine` (a `VllmReplies`) generates instead of `model`: with the adapter for the fine-tuned label only.
+    """
     logger.info("%s: perplexity over the replies of %d test conversations", label, len(conversations))
     perplexity = reply_perplexity(
         model, tokenizer, conversations, settings["max_length"], settings["batch_size"], settings["last_reply_only"]
@@ -65,9 +77,11 @@ def evaluate_model(
     replies, scores, worst = {}, {}, []
     for decoding in DECODINGS:
         logger.info("%s: generating %d replies (%s)", label, len(contexts), decoding)
-        generated = generate_replies(
-            model, tokenizer, contexts, generation, settings["batch_size"], sample=decoding == "sampling"
-        )
+        sample = decoding == "sampling"
+        if engine:
+            generated = engine.generate(tokenizer, contexts, generation, sample, adapter=label == "fine-tuned")
+        else:
+            generated = generate_replies(model, tokenizer, contexts, generation, settings["batch_size"], sample)
         texts = [reply.text for reply in generated.replies]
         metrics, per_reply = score_replies(texts, references, [reply.stopped for reply in generated.replies])
         scores[decoding] = {**metrics, **generated.speed}
@@ -119,6 +133,10 @@ class EvalArguments:
         default=None, metadata={"help": "A folder of lm-eval task YAMLs to take the --knowledge tasks from."}
     )
     knowledge_limit: int | None = field(default=None, metadata={"help": "At most this many questions per task."})
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "What generates the replies: transformers, or vllm on a CUDA GPU.", "choices": BACKENDS},
+    )
     save_generation_config: bool = field(
         default=False,
         metadata={"help": "Save the generation settings evaluated with as the run's generation_config.json."},
@@ -165,6 +183,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
         "dtype": str(run.model_args.dtype) if run.is_adapter else "as saved",
         "device": device,
         "headline_decoding": HEADLINE_DECODING,
+        "backend": args.backend,
         "loop": "a character 4-gram occurring 3 or more times in a reply (whitespace left out, overlaps counted)",
         "never_stopped": "the reply ran into max_new_tokens without the end-of-turn token",
     }
@@ -173,8 +192,18 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
 
         manager = task_manager(args.knowledge, args.knowledge_tasks_dir)
 
+    engine = None
+    if args.backend == "vllm":
+        if not run.is_adapter and (args.compare_base or args.knowledge):
+            raise UserError("--backend vllm compares with the base for adapters only; evaluate the adapter folder")
+        from sft.vllm_generation import VllmReplies
+
+        engine = VllmReplies(run, generation.seed)
+
     def evaluated(model, label: str) -> tuple[dict, dict | None]:
-        result = evaluate_model(model, tokenizer, ppl_conversations, contexts, references, settings, generation, label)
+        result = evaluate_model(
+            model, tokenizer, ppl_conversations, contexts, references, settings, generation, label, engine
+        )
         if not args.knowledge:
             return result, None
         logger.info("%s: knowledge check on %s", label, ", ".join(args.knowledge))
