@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     run = read_run(args.model_path)
-    conversations, _, _ = held_out_conversations(run, argparse.Namespace(dataset_name=None, split="test"))
+    conversations, *_ = held_out_conversations(run, argparse.Namespace(dataset_name=None, split="test"))
     contexts = [messages[:-1] for messages in conversations[: args.num_samples]]
     generation = load_generation_defaults(run.model_path, {"max_new_tokens": args.max_new_tokens, "seed": run.seed})
     tokenizer = run.load_tokenizer()

@@ -81,8 +81,7 @@ class ChatSession:
     def reply(self, user_text: str, prefix: str = "") -> str:
         """Generate the reply to `user_text` (streamed to stdout after `prefix`), remembering both."""
         ids = self.prompt_ids(user_text)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
+        input_ids = torch.tensor([ids], device=self.model.device)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         print(prefix, end="", flush=True)
         with torch.no_grad():

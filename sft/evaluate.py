@@ -162,7 +162,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
     run = read_run(where.model_path, where.base_model)
     if (args.compare_base or args.knowledge) and not run.base_model:
         raise UserError(f"{where.model_path} does not say which base it came from; give --base_model")
-    conversations, last_reply_only, dataset_name = held_out_conversations(run, args)
+    conversations, last_reply_only, dataset_name, by_source = held_out_conversations(run, args)
     ppl_conversations = conversations[: args.max_ppl_samples]
     generated = conversations[: args.num_samples]
     contexts = [messages[:-1] for messages in generated]
@@ -212,6 +212,13 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
     tokenizer = run.load_tokenizer(reply_mask=True)
     model = load_model(run, quantize=quantize, device=device)
     tuned, tuned_knowledge = evaluated(model, "fine-tuned")
+    if by_source:  # a mixture: each source's replies on their own
+        tuned["metrics"]["perplexity_by_source"] = {
+            label: reply_perplexity(
+                model, tokenizer, source[: args.max_ppl_samples], run.max_length, args.batch_size, last_reply_only
+            )["perplexity"]
+            for label, source in by_source.items()
+        }
     base = base_knowledge = None
     if args.compare_base or args.knowledge:
         if run.is_adapter:

@@ -62,10 +62,11 @@ def row_messages(row: dict) -> tuple[list[dict], bool]:
     raise UserError(f"cannot evaluate samples with the fields {sorted(row)}: expected chat `messages`")
 
 
-def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str]:
-    """The held-out split as the data step prepares it: message lists, last-reply-only flag, data name."""
+def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str, dict]:
+    """The held-out split as the data step prepares it: message lists, last-reply-only flag, data name, and a
+    mixture's message lists per source."""
     from sft.config import DataArguments
-    from sft.data import load_conversations
+    from sft.data import held_out_by_source, load_conversations
     from sft.inference import resolve_local
 
     data = run.data
@@ -83,4 +84,6 @@ def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str]:
     conversations = [messages for messages, _ in rows if messages and messages[-1]["role"] == "assistant"]
     if not conversations:
         raise UserError(f"the `{args.split}` split of {data.dataset_name} holds no replies to evaluate on")
-    return conversations, rows[0][1], data.dataset_name
+    by_source = held_out_by_source(splits, args.split) or {}
+    by_source = {label: [row_messages(row)[0] for row in ds] for label, ds in by_source.items() if len(ds)}
+    return conversations, rows[0][1], data.dataset_name or "the mixture", by_source

@@ -15,10 +15,12 @@ from urllib.parse import urlparse
 import torch
 from accelerate import PartialState
 from datasets import DatasetDict
+from peft import NoMatchingPeftModuleError
 from trl import SFTTrainer, get_peft_config
 
 from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
 from sft.config import Recipe, save_resolved_recipe
+from sft.data import held_out_by_source
 from sft.errors import UserError
 from sft.generation import GenerationArguments, save_generation_config
 from sft.model import keep_packed_sequences_apart, load_tokenizer, model_init_kwargs, quantization_config
@@ -99,15 +101,30 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     if evaluating and not len(datasets.get("validation", [])):
         raise UserError("eval_strategy asks for evaluation but the data has no validation samples (see val_size)")
     args.eval_on_start = args.eval_on_start and evaluating
-    return CountingSFTTrainer(
-        model=recipe.model.model_name_or_path,
-        args=args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"] if evaluating else None,
-        processing_class=tokenizer,
-        quantization_config=quantization_config(recipe.model),
-        peft_config=get_peft_config(recipe.model),
-    )
+    try:
+        return CountingSFTTrainer(
+            model=recipe.model.model_name_or_path,
+            args=args,
+            train_dataset=datasets["train"],
+            # a mixture is evaluated per source: eval_<label>_loss for each
+            eval_dataset=(held_out_by_source(datasets, "validation") or datasets["validation"]) if evaluating else None,
+            processing_class=tokenizer,
+            quantization_config=quantization_config(recipe.model),
+            peft_config=get_peft_config(recipe.model),
+        )
+    except NoMatchingPeftModuleError:
+        raise UserError(
+            f"lora_target_modules {recipe.model.lora_target_modules} name no module of "
+            f"{recipe.model.model_name_or_path}; use `all-linear` or names of its linear layers (e.g. q_proj v_proj)"
+        ) from None
+
+
+def create_output_dir(output_dir: Path) -> None:
+    """Make `output_dir` before anything is loaded, so a folder that cannot exist is one clear error."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output_dir {output_dir}: {err.strerror or err}") from None
 
 
 def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss: float) -> dict:
@@ -180,9 +197,9 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
             args.output_dir, recipe.resolved, recipe.run.overwrite_output_dir
         )
     use_wandb_offline_without_login(args.report_to, args.output_dir)
+    create_output_dir(output_dir)
     trainer = build_trainer(recipe, datasets)
     if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_recipe(recipe, args.output_dir)
 
     stopper = StopOnSignal()
