@@ -22,6 +22,7 @@ from sft.checkpoints import FINISHED_MARKER
 from sft.cli import parse_arguments
 from sft.config import RECIPE_FILE
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
+from sft.generation import GENERATION_CONFIG
 from sft.inference import (
     MERGE_INFO,
     default_device,
@@ -33,7 +34,7 @@ from sft.inference import (
 )
 
 logger = logging.getLogger(__name__)
-COPIED_FILES = (RECIPE_FILE, "trainer_state.json", FINISHED_MARKER)
+COPIED_FILES = (RECIPE_FILE, "trainer_state.json", FINISHED_MARKER, GENERATION_CONFIG)  # ours over the base's
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 PROBE = [{"role": "user", "content": "你好，最近怎么样？"}]
 

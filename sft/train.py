@@ -22,6 +22,7 @@ from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_
 from sft.config import Recipe, save_resolved_recipe
 from sft.data import held_out_by_source
 from sft.errors import UserError
+from sft.generation import GenerationArguments, save_generation_config
 from sft.machine import machine_facts, peak_memory
 from sft.model import keep_4bit_layers_differentiable, load_tokenizer, model_init_kwargs
 from sft.plan import decide
@@ -279,6 +280,7 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
     trainer.save_model(str(staging))
     if state.is_main_process:
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        save_generation_config(staging, GenerationArguments(), trainer.processing_class)  # eval/chat/serve defaults
         publish_final_outputs(staging, output_dir, summary)
         logger.info("run finished: adapter and run_summary.json in %s", output_dir)
     state.wait_for_everyone()  # every rank exits only after rank 0 has published the results

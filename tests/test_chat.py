@@ -106,3 +106,18 @@ def test_chat_flag_mistakes_are_one_line(smoke_run, capsys):
     with pytest.raises(SystemExit):
         main(["--model_path", str(smoke_run), "--temperatur", "1"])
     assert "unknown option `--temperatur` (did you mean `temperature`?)" in capsys.readouterr().err
+
+
+def test_chat_starts_from_the_generation_settings_saved_with_the_run(smoke_run, tmp_path):
+    import shutil
+
+    from sft.generation import save_generation_config
+    from sft.inference import read_run
+
+    run = shutil.copytree(smoke_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
+    saved = GenerationArguments(max_new_tokens=4, temperature=1.5, top_k=5, repetition_penalty=1.2)
+    save_generation_config(run, saved, read_run(str(run)).load_tokenizer())
+    from_file = main(["--model_path", str(run), "--message", "你好"])
+    flags = ["--max_new_tokens", "4", "--temperature", "1.5", "--top_k", "5", "--repetition_penalty", "1.2"]
+    assert from_file == main(["--model_path", str(smoke_run), "--message", "你好", *flags])
+    assert from_file[0]  # sampled hot, four tokens: some text
