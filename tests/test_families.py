@@ -216,13 +216,16 @@ class EndTurnAt(LogitsProcessor):
 
 def test_chat_stops_at_the_end_of_turn_token(family, family_run):
     from sft.chat import ChatSession
-    from sft.inference import generation_kwargs, load_model, load_tokenizer, read_run
+    from sft.generation import GenerationArguments, generation_kwargs
+    from sft.inference import load_model, read_run
 
     run = read_run(str(family_run))
-    tokenizer = load_tokenizer(run)
+    tokenizer = run.load_tokenizer()
     end_of_turn = tokenizer.convert_tokens_to_ids(family.end_of_turn)
     session = ChatSession(
-        load_model(run, device="cpu"), tokenizer, generation=generation_kwargs(tokenizer, 12, False, 0.9, 0.7)
+        load_model(run, device="cpu"),
+        tokenizer,
+        generation=generation_kwargs(tokenizer, GenerationArguments(max_new_tokens=12, do_sample=False)),
     )
     prompt = session.prompt_ids("你好")
     assert tokenizer.decode(prompt).endswith(family.reply_header)
@@ -234,7 +237,7 @@ def test_chat_stops_at_the_end_of_turn_token(family, family_run):
 
 
 def test_merge_ships_the_official_template(family, family_run, tmp_path):
-    from sft.inference import load_tokenizer, read_run
+    from sft.inference import read_run
     from sft.merge import main
 
     merged = tmp_path / "merged"
@@ -243,5 +246,5 @@ def test_merge_ships_the_official_template(family, family_run, tmp_path):
     assert tokenizer.chat_template == family.official
     # evaluation of the merged model finds the reply markers again
     assert (
-        load_tokenizer(read_run(str(merged)), reply_mask=True).chat_template == OUR_TRAINING_TEMPLATES[family.official]
+        read_run(str(merged)).load_tokenizer(reply_mask=True).chat_template == OUR_TRAINING_TEMPLATES[family.official]
     )
