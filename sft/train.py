@@ -17,9 +17,17 @@ from accelerate import PartialState
 from datasets import DatasetDict
 from trl import SFTTrainer, get_peft_config
 
-from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
+from sft.checkpoints import (
+    StopOnSignal,
+    checkpoint_to_resume,
+    claim_output_dir,
+    how_to_go_on,
+    latest_complete_checkpoint,
+    publish_final_outputs,
+)
 from sft.config import Recipe, save_resolved_recipe
 from sft.errors import UserError
+from sft.files import reporting_full_disk
 from sft.model import keep_packed_sequences_apart, load_tokenizer, model_init_kwargs, quantization_config
 
 logger = logging.getLogger(__name__)
@@ -168,6 +176,8 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
     output_dir = Path(args.output_dir)
     keep_hub_token_out_of_saved_files(args)
     state = PartialState()
+    if state.is_main_process:  # the ranks of one launch share the folder; another launch stops here
+        claim_output_dir(output_dir)
     with state.main_process_first():
         resume = args.resume_from_checkpoint or checkpoint_to_resume(
             args.output_dir, recipe.resolved, recipe.run.overwrite_output_dir
@@ -175,18 +185,18 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
     use_wandb_offline_without_login(args.report_to, args.output_dir)
     trainer = build_trainer(recipe, datasets)
     if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_recipe(recipe, args.output_dir)
 
-    stopper = StopOnSignal()
+    stopper = StopOnSignal(trainer.accelerator)
     trainer.add_callback(stopper)
     start = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except torch.OutOfMemoryError:
-        raise UserError(OOM_ADVICE) from None
-    finally:
-        stopper.restore_handlers()
+    with reporting_full_disk(output_dir, lambda: how_to_go_on(output_dir)):
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except torch.OutOfMemoryError:
+            raise UserError(OOM_ADVICE) from None
+        finally:
+            stopper.restore_handlers()
     if stopper.stopped:
         logger.warning(
             "stopped by %s at step %d with a checkpoint in %s; run the same command again to resume",
@@ -200,10 +210,12 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
     staging = output_dir / ".final-save"
     if state.is_main_process and staging.exists():
         shutil.rmtree(staging)
-    trainer.save_model(str(staging))
+    with reporting_full_disk(output_dir, lambda: how_to_go_on(output_dir)):
+        trainer.save_model(str(staging))
+        if state.is_main_process:
+            trainer.state.save_to_json(str(staging / "trainer_state.json"))
+            publish_final_outputs(staging, output_dir, summary)
     if state.is_main_process:
-        trainer.state.save_to_json(str(staging / "trainer_state.json"))
-        publish_final_outputs(staging, output_dir, summary)
         logger.info("run finished: adapter and run_summary.json in %s", output_dir)
     trainer.accelerator.end_training()
     return summary

@@ -165,3 +165,36 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tiny
     checkpoint = latest_complete_checkpoint(output_dir)
     assert checkpoint is not None and len(list(output_dir.glob("checkpoint-*"))) == 1
     assert not (output_dir / "run_summary.json").exists()
+
+
+SIGNAL_ONE_RANK = """
+import os, signal
+from accelerate import Accelerator
+from transformers import TrainerControl
+from sft.checkpoints import StopOnSignal
+
+accelerator = Accelerator(cpu=True)
+stopper = StopOnSignal(accelerator)
+for step in range(1, 5):
+    if step == 3 and accelerator.process_index == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 gets it, after its step 2 check
+    control = TrainerControl()
+    stopper.on_step_end(None, None, control)
+    if control.should_training_stop:
+        break
+print(f"rank {accelerator.process_index}: stopped at step {step}, save {control.should_save}, got {stopper.received}")
+"""
+
+
+def test_the_real_cross_rank_check_stops_both_ranks_when_one_got_the_signal(tmp_path):
+    """StopOnSignal's own check (accelerate's trigger, an all-reduce over gloo) across two real processes: rank 0
+    never got a signal, yet it stops at the same step as rank 1, and no rank stopped before the signal."""
+    script = tmp_path / "signal_one_rank.py"
+    script.write_text(SIGNAL_ONE_RANK)
+    result = run_command([*TWO_PROCESSES[:-1], str(script)], env={"PYTHONPATH": str(ROOT)}, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == [
+        "rank 0: stopped at step 3, save True, got None",
+        f"rank 1: stopped at step 3, save True, got {int(signal.SIGTERM)}",
+    ]
