@@ -109,8 +109,8 @@ def how_to_go_on(output_dir: Path) -> str:
     )
 
 
-def damaged_file(checkpoint: Path) -> str | None:
-    """The first file of `checkpoint` that cannot be read back whole (truncated or corrupted), with why."""
+def damaged_file(checkpoint: Path) -> tuple[str, str] | None:
+    """The first file of `checkpoint` that cannot be read back whole (truncated or corrupted), and why."""
     for path in sorted(checkpoint.iterdir()):
         try:
             if path.suffix in (".pt", ".pth", ".bin"):  # torch.save's zip archives, with a CRC for every record
@@ -123,7 +123,7 @@ def damaged_file(checkpoint: Path) -> str | None:
             elif path.suffix == ".json":
                 json.loads(path.read_text(encoding="utf-8"))
         except Exception as err:
-            return f"{path.name} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            return path.name, str(err).splitlines()[0] if str(err) else type(err).__name__
     return None
 
 
@@ -137,7 +137,7 @@ def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
                 os.replace(bad, bad.with_name(f"damaged-{bad.name}"))
                 logger.warning("kept the damaged %s as %s", bad.name, bad.with_name(f"damaged-{bad.name}"))
             return checkpoint
-        logger.warning("%s cannot be loaded: %s is damaged; trying the previous checkpoint", checkpoint, problem)
+        logger.warning("%s cannot be loaded: %s is damaged (%s); trying the previous checkpoint", checkpoint, *problem)
         damaged.append(checkpoint)
     if damaged:
         raise UserError(
@@ -201,7 +201,7 @@ def checkpoint_to_resume(output_dir: str, resolved_recipe: dict, overwrite: bool
     checkpoint = newest_loadable_checkpoint(folder)
     if checkpoint is None:
         return None
-    logger.warning("resuming from %s (the newest complete checkpoint in %s)", checkpoint, output_dir)
+    logger.warning("resuming from %s (the newest loadable checkpoint in %s)", checkpoint, output_dir)
     return str(checkpoint)
 
 

@@ -45,9 +45,38 @@ class Run:
     log: str
 
 
-def launch(command: list[str], output_dir: Path) -> Run:
+# Imported first by every Python process of a run (PYTHONPATH): in rank 1 only, output_dir becomes read-only
+# (its own mount namespace with a read-only bind mount), and a probe write records that it really is.
+READ_ONLY_FOR_RANK_1 = """
+import ctypes, os, pathlib
+if os.environ.get("RANK") == "1":
+    libc = ctypes.CDLL(None, use_errno=True)
+    folder, report = os.environ["READ_ONLY_DIR"].encode(), pathlib.Path(os.environ["READ_ONLY_REPORT"])
+    CLONE_NEWNS, MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 0x1, 0x20, 0x1000, 0x4000, 0x40000
+    for result in (
+        libc.unshare(CLONE_NEWNS),
+        libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None),
+        libc.mount(folder, folder, None, MS_BIND, None),
+        libc.mount(None, folder, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None),
+    ):
+        if result != 0:
+            report.write_text(f"setup failed: {os.strerror(ctypes.get_errno())}")
+            raise SystemExit(1)
+    try:
+        (pathlib.Path(folder.decode()) / "probe").write_text("rank 1")
+        report.write_text("rank 1 could write")
+    except OSError as err:
+        report.write_text(f"rank 1 cannot write: {err.strerror}")
+"""
+
+
+def can_make_private_mounts() -> bool:
+    return run_command(["unshare", "--mount", "true"]).returncode == 0
+
+
+def launch(command: list[str], output_dir: Path, env: dict | None = None) -> Run:
     """Run a short smoke training into `output_dir` and return what it left and logged."""
-    result = run_command([*command, *SHORT_RUN, "--output_dir", str(output_dir)], timeout=300)
+    result = run_command([*command, *SHORT_RUN, "--output_dir", str(output_dir)], env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return Run(output_dir, json.loads((output_dir / "run_summary.json").read_text()), result.stderr)
 
@@ -59,7 +88,16 @@ def one_process(tiny_model, tmp_path_factory) -> Run:
 
 @pytest.fixture(scope="module")
 def two_processes(tiny_model, tmp_path_factory) -> Run:
-    return launch(TWO_PROCESSES, tmp_path_factory.mktemp("two") / "out")  # no GPU: use_cpu is set by itself
+    """Two ranks (no GPU: use_cpu is set by itself); where the machine allows, rank 1 sees output_dir read-only."""
+    folder = tmp_path_factory.mktemp("two")
+    output_dir, env = folder / "out", None
+    if can_make_private_mounts():
+        output_dir.mkdir()
+        (folder / "site").mkdir()
+        (folder / "site" / "sitecustomize.py").write_text(READ_ONLY_FOR_RANK_1)
+        report = folder / "rank1.txt"
+        env = {"PYTHONPATH": str(folder / "site"), "READ_ONLY_DIR": str(output_dir), "READ_ONLY_REPORT": str(report)}
+    return launch(TWO_PROCESSES, output_dir, env)
 
 
 def test_the_two_ranks_see_different_halves_of_the_epoch(one_process, two_processes):
@@ -85,8 +123,13 @@ def test_two_processes_take_half_the_optimizer_steps(one_process, two_processes)
 
 
 def test_only_rank_zero_writes_the_output(one_process, two_processes):
-    """Both ranks log at INFO (`--log_level_replica info`), yet the final save and its log line happen once, and
-    the folder holds the same single set of files as a one-process run's, nothing half-written left behind."""
+    """Rank 1 saw output_dir read-only (its probe write failed) and the run still succeeded: rank 1 wrote nothing
+    there. The final save's log line appears once although both ranks log at INFO, and the folder holds the same
+    single set of files as a one-process run's, nothing half-written left behind."""
+    if not can_make_private_mounts():
+        pytest.skip("this machine cannot give rank 1 a read-only view of output_dir (needs `unshare --mount`)")
+    report = two_processes.output_dir.parent / "rank1.txt"
+    assert report.read_text() == "rank 1 cannot write: Read-only file system"
     assert two_processes.log.count("run finished: adapter and run_summary.json in") == 1
     files = {path.name for path in two_processes.output_dir.iterdir()}
     assert files == {path.name for path in one_process.output_dir.iterdir()}
