@@ -3,6 +3,7 @@
 
 import errno
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_command, start_command, wait_for
+from conftest import ROOT, run_command, start_command, wait_for
 
 from sft.checkpoints import checkpoint_to_resume, checkpoints, latest_complete_checkpoint
+from sft.config import DataArguments
+from sft.data import load_conversations, prepared_folder
 from sft.errors import UserError
 from sft.files import write_atomically
 
@@ -174,3 +177,37 @@ def test_a_second_run_into_a_folder_in_use_stops_and_a_killed_runs_lock_does_not
     third = run_command([*RUN, "--max_steps", "2", "--output_dir", str(output_dir), "--overwrite_output_dir", "true"])
     assert third.returncode == 0, third.stderr[-3000:]
     assert json.loads((output_dir / "run_summary.json").read_text())["global_step"] == 2
+
+
+def sample_data(processed_dir: Path) -> DataArguments:
+    source = ROOT / "sft" / "assets" / "lccc_sample.json"
+    return DataArguments(dataset_name=str(source), processed_dir=str(processed_dir))
+
+
+def test_a_damaged_prepared_dataset_is_found_before_training_and_prepared_again(tmp_path, caplog):
+    args = sample_data(tmp_path / "processed")
+    first = load_conversations(args, seed=42)
+    rows = first["train"].to_list()
+    folder = prepared_folder(args, 42)
+    turns = list(first["train"].map(lambda sample: {"n": len(sample["messages"])})["n"])  # cached, as tokenizing
+    del first  # (its files are memory-mapped: damage them as another run would find them, not under our feet)
+    [cache] = folder.glob("cache-*.arrow")
+    cut_short(folder / "train.arrow")
+    cut_short(cache)
+
+    with caplog.at_level(logging.WARNING):
+        again = load_conversations(args, seed=42)
+    assert f"the prepared data in {folder} cannot be read" in caplog.text
+    assert f"the tokenization cache {cache} is damaged" in caplog.text and not cache.exists()
+    assert again["train"].to_list() == rows
+    assert list(again["train"].map(lambda sample: {"n": len(sample["messages"])})["n"]) == turns
+
+
+@pytest.mark.parametrize("small_disk", ["64k"], indirect=True)  # the sample's prepared data takes ~0.3 MB
+def test_a_full_disk_while_preparing_data_leaves_no_half_written_cache(small_disk):
+    args = sample_data(small_disk.path / "processed")
+    with pytest.raises(UserError, match=f"^disk full while writing to {small_disk.path / 'processed'} \\("):
+        load_conversations(args, seed=42)
+    assert [path.name for path in (small_disk.path / "processed").iterdir() if not path.name.endswith(".lock")] == []
+    small_disk.grow("8m")
+    assert len(load_conversations(args, seed=42)["train"]) > 0
