@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # started as a file: import the package, and let 
 import torch  # noqa: E402
 
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error  # noqa: E402
+from sft.files import write_atomically  # noqa: E402
 from sft.inference import (  # noqa: E402
     CommandParser,
     default_device,
@@ -415,8 +416,8 @@ def evaluate(args) -> dict:
     }
     if not base:
         del report["base"]
-    (output_dir / "eval_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    (output_dir / "eval_report.md").write_text(markdown_report(report, args.num_examples), encoding="utf-8")
+    write_atomically(output_dir / "eval_report.json", json.dumps(report, ensure_ascii=False, indent=2))
+    write_atomically(output_dir / "eval_report.md", markdown_report(report, args.num_examples))
     logger.info("wrote %s and %s", output_dir / "eval_report.json", output_dir / "eval_report.md")
     return report
 

@@ -73,7 +73,10 @@ def jsonl(rows) -> str:
         ("你 好 啊 ！", "你好啊！"),
         ("2 1 万", "21万"),
         ("我 买 了 iPhone 12", "我买了iPhone 12"),  # word-segmented releases keep spaces between Latin words
-        ("I love you", "I love you"),
+        ("I love you", "I love you"),  # a single letter before a longer word keeps its space ...
+        ("iPhone X", "iPhone X"),  # ... and after one
+        ("Windows 7 系 统", "Windows 7系统"),
+        ("COVID 19", "COVID 19"),
         ("S E E D", "SEED"),
         ("你\u3000好 \t 啊", "你好啊"),  # any white space, not only ASCII spaces
         ("   ", ""),

@@ -211,3 +211,12 @@ def test_a_full_disk_while_preparing_data_leaves_no_half_written_cache(small_dis
     assert [path.name for path in (small_disk.path / "processed").iterdir() if not path.name.endswith(".lock")] == []
     small_disk.grow("8m")
     assert len(load_conversations(args, seed=42)["train"]) > 0
+
+
+@pytest.mark.parametrize("small_disk", ["1m"], indirect=True)  # the merged tiny model takes ~5 MB
+def test_a_full_disk_while_merging_leaves_no_merged_folder(smoke_run, small_disk):
+    output_dir = small_disk.path / "merged"
+    result = run_command(["python", "-m", "sft.merge", "--model_path", str(smoke_run), "--output_dir", str(output_dir)])
+    assert result.returncode == 2
+    assert error_line(result).startswith(f"error: disk full while writing to {small_disk.path} (")
+    assert list(small_disk.path.iterdir()) == [], "a half-written merge was left behind"
