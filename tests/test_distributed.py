@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import stat
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,3 +242,44 @@ def test_the_real_cross_rank_check_stops_both_ranks_when_one_got_the_signal(tmp_
         "rank 0: stopped at step 3, save True, got None",
         f"rank 1: stopped at step 3, save True, got {int(signal.SIGTERM)}",
     ]
+
+
+SAMPLES_PER_RANK = """
+import hashlib, json, sys
+from sft.config import parse_recipe
+from sft.data import load_conversations
+from sft.train import build_trainer
+
+recipe = parse_recipe(sys.argv[1:])
+trainer = build_trainer(recipe, load_conversations(recipe.data, recipe.training.seed))
+
+
+def key(ids):
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
+seen = [
+    key(row[mask.bool()].tolist())
+    for batch in trainer.get_train_dataloader()
+    for row, mask in zip(batch["input_ids"], batch["attention_mask"])
+]
+print("samples", json.dumps({"rank": trainer.accelerator.process_index, "seen": seen,
+                             "epoch": [key(sample["input_ids"]) for sample in trainer.train_dataset]}))
+"""
+
+
+def test_the_two_ranks_train_on_disjoint_halves_that_make_the_epoch(tiny_model, tmp_path):
+    """The samples themselves: each rank's batches (the trainer's own dataloader, sharded by accelerate) hold
+    48 of the 96 samples, no sample is in both, and together they are exactly the epoch's samples."""
+    script = tmp_path / "samples_per_rank.py"
+    script.write_text(SAMPLES_PER_RANK)
+    command = [*TWO_PROCESSES[:-1], str(script), *SHORT_RUN, "--output_dir", str(tmp_path / "out")]
+    result = run_command(command, env={"PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line[8:]) for line in result.stdout.splitlines() if line.startswith("samples ")]
+    ranks = sorted(reports, key=lambda report: report["rank"])
+    assert [report["rank"] for report in ranks] == [0, 1]
+    first, second = (Counter(report["seen"]) for report in ranks)
+    assert sum(first.values()) == sum(second.values()) == 48
+    assert not first.keys() & second.keys(), "a sample was trained on by both ranks"
+    assert first + second == Counter(ranks[0]["epoch"]), "the two halves are not the epoch"

@@ -56,42 +56,47 @@ def error_line(result) -> str:
     return line
 
 
+def disk_full_error(command: list[str], folder: Path) -> str:
+    """Run `command`, which must fail for a full disk under `folder`; its error line."""
+    result = run_command(command)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = error_line(result)
+    assert error.startswith(f"error: disk full while writing to {folder} (")
+    return error
+
+
+def finished_after_space_is_freed(small_disk, command: list[str], output_dir: Path) -> dict:
+    """Free space, run `command` again: it must finish; its run summary."""
+    small_disk.grow("8m")
+    result = run_command(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"log": result.stderr, **json.loads((output_dir / "run_summary.json").read_text())}
+
+
 @pytest.mark.parametrize("small_disk", ["1100k"], indirect=True)  # a smoke checkpoint takes ~0.7 MB: one fits
 def test_a_full_disk_while_saving_a_checkpoint_says_so_and_a_rerun_with_space_finishes(tiny_model, small_disk):
     output_dir = small_disk.path / "out"
     command = [*RUN, "--max_steps", "4", "--save_steps", "2", "--output_dir", str(output_dir)]
-    first = run_command(command)
-    assert first.returncode == 2
-    error = error_line(first)
-    assert error.startswith(f"error: disk full while writing to {output_dir} (")
+    error = disk_full_error(command, output_dir)
     assert "MB free); a checkpoint here takes about 0.7 MB;" in error
     assert "it resumes from checkpoint-2" in error
     assert (output_dir / "checkpoint-4").is_dir(), "the failed save was not the second checkpoint"
     assert latest_complete_checkpoint(output_dir).name == "checkpoint-2", "a half-written checkpoint was taken"
     assert not (output_dir / "run_summary.json").exists()
 
-    small_disk.grow("8m")
-    second = run_command(command)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming from {output_dir / 'checkpoint-2'}" in second.stderr
-    assert json.loads((output_dir / "run_summary.json").read_text())["global_step"] == 4
+    second = finished_after_space_is_freed(small_disk, command, output_dir)
+    assert f"resuming from {output_dir / 'checkpoint-2'}" in second["log"] and second["global_step"] == 4
 
 
 @pytest.mark.parametrize("small_disk", ["160k"], indirect=True)  # the recipe fits, the ~0.3 MB adapter does not
 def test_a_full_disk_during_the_final_save_leaves_the_run_unfinished_until_a_rerun(tiny_model, small_disk):
     output_dir = small_disk.path / "out"
     command = [*RUN, "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(output_dir)]
-    first = run_command(command)
-    assert first.returncode == 2
-    error = error_line(first)
-    assert error.startswith(f"error: disk full while writing to {output_dir} (")
+    error = disk_full_error(command, output_dir)
     assert "no checkpoint is complete yet, so it starts over" in error
     assert not (output_dir / "run_summary.json").exists() and not (output_dir / "adapter_model.safetensors").exists()
 
-    small_disk.grow("8m")
-    second = run_command(command)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert json.loads((output_dir / "run_summary.json").read_text())["global_step"] == 2
+    assert finished_after_space_is_freed(small_disk, command, output_dir)["global_step"] == 2
     assert not (output_dir / ".final-save").exists()
 
 
@@ -216,7 +221,6 @@ def test_a_full_disk_while_preparing_data_leaves_no_half_written_cache(small_dis
 @pytest.mark.parametrize("small_disk", ["1m"], indirect=True)  # the merged tiny model takes ~5 MB
 def test_a_full_disk_while_merging_leaves_no_merged_folder(smoke_run, small_disk):
     output_dir = small_disk.path / "merged"
-    result = run_command(["python", "-m", "sft.merge", "--model_path", str(smoke_run), "--output_dir", str(output_dir)])
-    assert result.returncode == 2
-    assert error_line(result).startswith(f"error: disk full while writing to {small_disk.path} (")
+    merge = ["python", "-m", "sft.merge", "--model_path", str(smoke_run), "--output_dir", str(output_dir)]
+    disk_full_error(merge, small_disk.path)
     assert list(small_disk.path.iterdir()) == [], "a half-written merge was left behind"
