@@ -3,8 +3,11 @@
 import json
 
 import yaml
-from conftest import LAUNCH, run_command
+from conftest import LAUNCH, SMOKE_RECIPE, run_command
 from safetensors import safe_open
+
+from sft.config import parse_recipe
+from sft.data import load_conversations
 
 SUMMARY_KEYS = {
     "train_loss",
@@ -37,6 +40,29 @@ def test_smoke_run_summary_is_complete_and_the_model_learned(smoke_run):
     eval_loss = summary["eval_loss"]
     assert len(eval_loss["history"]) >= 3
     assert eval_loss["last"] < 0.85 * eval_loss["first"], eval_loss
+
+
+def reply_tokens(messages: list[dict], tokenizer, max_length: int) -> int:
+    """Tokens of the replies and their end tokens, found in the rendered text by character offsets (not by the
+    trainer's masks), among the first `max_length` tokens the trainer keeps."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans, at = [], 0
+    for message in messages:
+        if message["role"] == "assistant":
+            reply = f" {message['content'].strip()} {tokenizer.eos_token}"
+            at = text.index(reply, at) + len(reply)
+            spans.append((at - len(reply), at))
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return sum(any(start <= begin < end for start, end in spans) for begin, _ in offsets[:max_length])
+
+
+def test_the_loss_falls_on_exactly_the_reply_tokens(smoke_run, trained_tokenizer):
+    """The run's supervised token count equals the reply tokens counted independently, once per epoch."""
+    recipe = parse_recipe(["--config", str(SMOKE_RECIPE)])
+    train = load_conversations(recipe.data, recipe.training.seed)["train"]
+    per_epoch = sum(reply_tokens(m, trained_tokenizer, recipe.training.max_length) for m in train["messages"])
+    summary = json.loads((smoke_run / "run_summary.json").read_text())
+    assert summary["supervised_tokens"] == per_epoch * recipe.training.num_train_epochs
 
 
 def test_wandb_without_login_logs_offline_and_says_how_to_sync(tiny_model, tmp_path):
