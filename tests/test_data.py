@@ -11,7 +11,9 @@ import pytest
 from conftest import run_command
 from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetNotFoundError
+from helpers import reply_tokens
 from transformers import AutoTokenizer
+from trl import ModelConfig, SFTConfig
 
 from sft.config import DataArguments
 from sft.data import (
@@ -27,7 +29,9 @@ from sft.data import (
 from sft.data.__main__ import main
 from sft.data.clean import clean_utterances
 from sft.data.conversations import dialogue_samples
+from sft.data.stats import token_counts
 from sft.errors import UserError
+from sft.model import load_tokenizer
 
 
 def make_dialogues(count: int = 30) -> list[list[str]]:
@@ -425,6 +429,29 @@ def test_the_cli_prepares_a_recipe_and_writes_stats(tmp_path, tiny_model):
     spelled = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     assert tokens["characters_per_token"] == round(sum(map(len, texts)) / spelled, 3)
     assert "statistics in" in result.stderr
+
+
+def test_token_counts_of_two_hand_made_dialogues(tiny_model):
+    """Each sample's tokens and loss tokens against an independent count: the rendered text's tokens, and the
+    tokens inside the replies found by character offsets (every reply for multi_turn, the completion for per_turn)."""
+    tokenizer = load_tokenizer(
+        ModelConfig(model_name_or_path=str(tiny_model)), SFTConfig(output_dir="unused", bf16=False)
+    )
+    dialogues = [
+        ["你好啊", "你好！今天过得怎么样？", "还不错，去爬山了", "下次叫上我"],
+        ["在吗", "在", "iPhone 12 好用吗", "拍照很好看"],
+    ]
+    for sample_format in ("multi_turn", "per_turn"):
+        args = DataArguments(sample_format=sample_format, max_turns=2, system_prompt="你是一个友好的聊天伙伴。")
+        samples = [sample for dialogue in dialogues for sample in dialogue_samples(dialogue, args)]
+        assert len(samples) == (2 if sample_format == "multi_turn" else 4)
+        for sample in samples:
+            messages = sample.get("messages") or sample["prompt"] + sample["completion"]
+            rendered = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+            tokens, supervised, characters, _ = token_counts(sample, tokenizer)
+            assert tokens == len(rendered["input_ids"])
+            assert supervised == reply_tokens(messages, tokenizer, last_only=sample_format == "per_turn")
+            assert characters == sum(len(message["content"]) for message in messages)
 
 
 def test_multi_turn_needs_fewer_tokens_per_supervised_token(tmp_path, toy_data, tiny_model):

@@ -4,6 +4,7 @@ import json
 
 import yaml
 from conftest import LAUNCH, SMOKE_RECIPE, run_command
+from helpers import reply_tokens
 from safetensors import safe_open
 
 from sft.config import parse_recipe
@@ -40,20 +41,6 @@ def test_smoke_run_summary_is_complete_and_the_model_learned(smoke_run):
     eval_loss = summary["eval_loss"]
     assert len(eval_loss["history"]) >= 3
     assert eval_loss["last"] < 0.85 * eval_loss["first"], eval_loss
-
-
-def reply_tokens(messages: list[dict], tokenizer, max_length: int) -> int:
-    """Tokens of the replies and their end tokens, found in the rendered text by character offsets (not by the
-    trainer's masks), among the first `max_length` tokens the trainer keeps."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans, at = [], 0
-    for message in messages:
-        if message["role"] == "assistant":
-            reply = f" {message['content'].strip()} {tokenizer.eos_token}"
-            at = text.index(reply, at) + len(reply)
-            spans.append((at - len(reply), at))
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return sum(any(start <= begin < end for start, end in spans) for begin, _ in offsets[:max_length])
 
 
 def test_the_loss_falls_on_exactly_the_reply_tokens(smoke_run, trained_tokenizer):
