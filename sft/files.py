@@ -12,6 +12,8 @@ from sft.errors import UserError
 # Below this many free bytes a failed write counts as a full disk even when the library lost the OS error
 # (torch's zip writer reports ENOSPC as "unexpected pos ..."); a failed write leaves the disk at ~0 free.
 NEARLY_FULL_BYTES = 16 * 2**20
+# What such writers say instead; any other error (a bug, a CUDA error) is never taken for a full disk.
+WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter", "write failed", "StorageFull")
 
 
 def write_atomically(path: str | Path, text: str) -> None:
@@ -39,13 +41,13 @@ def free_bytes(folder: str | Path) -> int | None:
 
 def is_disk_full(err: BaseException, folder: str | Path) -> bool:
     """ENOSPC anywhere in the exception's chain, or a failed write while `folder`'s file system is nearly full."""
-    if isinstance(err, MemoryError):
-        return False
     seen = err
     while seen is not None:
         if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
+    if not isinstance(err, OSError) and not any(words in str(err) for words in WRITE_FAILURES):
+        return False
     free = free_bytes(folder)
     return free is not None and free < NEARLY_FULL_BYTES
 

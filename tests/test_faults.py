@@ -17,7 +17,7 @@ from sft.checkpoints import checkpoint_to_resume, checkpoints, latest_complete_c
 from sft.config import DataArguments
 from sft.data import load_conversations, prepared_folder
 from sft.errors import UserError
-from sft.files import write_atomically
+from sft.files import is_disk_full, write_atomically
 
 RUN = ["python", "sft/run.py", "--config", "recipes/smoke.yaml", "--eval_strategy", "no", "--logging_steps", "1"]
 
@@ -224,3 +224,16 @@ def test_a_full_disk_while_merging_leaves_no_merged_folder(smoke_run, small_disk
     merge = ["python", "-m", "sft.merge", "--model_path", str(smoke_run), "--output_dir", str(output_dir)]
     disk_full_error(merge, small_disk.path)
     assert list(small_disk.path.iterdir()) == [], "a half-written merge was left behind"
+
+
+def test_only_failed_writes_count_as_a_full_disk(tmp_path, monkeypatch):
+    """On a nearly full disk torch's lost-errno write error is a full disk; a bug or a CUDA error is not."""
+    torch_write_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr("sft.files.free_bytes", lambda folder: 0)
+    assert is_disk_full(torch_write_error, tmp_path)
+    assert is_disk_full(OSError(errno.EIO, "Input/output error"), tmp_path)
+    assert not is_disk_full(ValueError("a bug"), tmp_path)
+    assert not is_disk_full(RuntimeError("CUDA error: an illegal memory access was encountered"), tmp_path)
+    monkeypatch.setattr("sft.files.free_bytes", lambda folder: 2**40)
+    assert not is_disk_full(torch_write_error, tmp_path)
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
