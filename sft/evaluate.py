@@ -30,6 +30,7 @@ from sft.batch_generation import generate_replies
 from sft.cli import parse_arguments
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 from sft.eval_report import DECODINGS, markdown_report, metrics_table, plot_loss_curves
+from sft.files import write_atomically
 from sft.generation import (
     GenerationArguments,
     chosen_settings,
@@ -259,8 +260,8 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
     for key in ("base", "knowledge"):
         if report[key] is None:
             del report[key]
-    (output_dir / "eval_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    (output_dir / "eval_report.md").write_text(markdown_report(report, args.num_examples), encoding="utf-8")
+    write_atomically(output_dir / "eval_report.json", json.dumps(report, ensure_ascii=False, indent=2))
+    write_atomically(output_dir / "eval_report.md", markdown_report(report, args.num_examples))
     logger.info("wrote %s and %s", output_dir / "eval_report.json", output_dir / "eval_report.md")
     if args.save_generation_config:
         path = save_generation_config(run.model_path, generation, tokenizer)

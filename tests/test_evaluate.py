@@ -68,6 +68,25 @@ def test_perplexity_counts_the_reply_tokens_only(trained_tokenizer):
     assert last_only["reply_tokens"] < result["reply_tokens"]
 
 
+def test_reply_perplexity_matches_the_models_own_loss_on_the_replies(trained_model, trained_tokenizer):
+    """Independently of our scoring: the model's own (internally shifted) loss with every label but the reply
+    tokens masked, one conversation at a time, weighted by its reply tokens. Scoring one position off fails this
+    (a uniform model cannot tell, a trained one can)."""
+    conversations = CONVERSATIONS[:2]  # both with replies (the third has none)
+    result = reply_perplexity(trained_model, trained_tokenizer, conversations, max_length=256, batch_size=2)
+    total_nll, count = 0.0, 0
+    for messages in conversations:
+        encoded = trained_tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        ids = torch.tensor([encoded["input_ids"]])
+        labels = torch.where(torch.tensor([encoded["assistant_masks"]]).bool(), ids, -100)
+        replies = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            total_nll += trained_model(input_ids=ids, labels=labels).loss.item() * replies
+        count += replies
+    assert result["reply_tokens"] == count
+    assert result["perplexity"] == pytest.approx(math.exp(total_nll / count), rel=1e-4)
+
+
 def test_perplexity_does_not_depend_on_batching(trained_model, trained_tokenizer):
     conversations = CONVERSATIONS[:2]
     one_by_one = reply_perplexity(trained_model, trained_tokenizer, conversations, max_length=256, batch_size=1)
