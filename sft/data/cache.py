@@ -109,6 +109,15 @@ def build_once(folder: Path, what: str, build: Callable[[Path, Path], None]) -> 
     return folder
 
 
+def is_prepared(args: DataArguments, seed: int) -> bool:
+    """Whether the cache already holds the prepared data of these arguments (one source; a mixture says no)."""
+    if args.datasets:
+        return False
+    args = with_lccc_names(args)
+    _, path = locate_source(args)
+    return (cache_folder(args, seed, path) / STATS_FILE).is_file()
+
+
 def prepared_folder(args: DataArguments, seed: int) -> Path:
     """The cache folder of these data arguments, prepared first when it does not exist yet."""
     args = with_lccc_names(args)
