@@ -27,14 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft.batch_generation import generate_replies
-from sft.cli import parse_arguments
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 from sft.eval_report import DECODINGS, markdown_report, metrics_table, plot_loss_curves
 from sft.files import write_atomically
 from sft.generation import (
     GenerationArguments,
-    chosen_settings,
-    load_generation_defaults,
     save_generation_config,
 )
 from sft.held_out import held_out_conversations, reply_perplexity
@@ -43,6 +40,7 @@ from sft.inference import (
     default_device,
     load_base,
     load_model,
+    parse_generating_command,
     quantization_label,
     quiet_library_noise,
     read_run,
@@ -152,11 +150,7 @@ class EvalArguments:
 
 def parse_args(argv: list[str]) -> tuple[TrainedModelArguments, EvalArguments, GenerationArguments]:
     """The arguments; generation settings not given start from the run's saved `generation_config.json`."""
-    parsed = parse_arguments(
-        (TrainedModelArguments, EvalArguments, GenerationArguments), argv, prog="python -m sft.evaluate"
-    )
-    where, args, generation = parsed.values
-    return where, args, load_generation_defaults(where.model_path, chosen_settings(generation, parsed.chosen))
+    return parse_generating_command(EvalArguments, argv, prog="python -m sft.evaluate")
 
 
 def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: GenerationArguments) -> dict:

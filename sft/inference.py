@@ -17,6 +17,7 @@ from trl import ModelConfig
 from sft.cli import parse_arguments, read_recipe_file
 from sft.config import RECIPE_FILE, DataArguments, training_default
 from sft.errors import UserError
+from sft.generation import GenerationArguments, chosen_settings, load_generation_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ def resolve_local(name: str | None) -> str | None:
         return name
     at_root = ROOT / name
     return str(at_root) if at_root.exists() else name
+
+
+def parse_generating_command(command_arguments, argv: list[str], prog: str) -> tuple:
+    """Parse a command that generates from a trained run: which run, the command's own arguments, and the
+    generation settings, which start from the run's saved `generation_config.json` (flags win)."""
+    parsed = parse_arguments((TrainedModelArguments, command_arguments, GenerationArguments), argv, prog=prog)
+    where, args, settings = parsed.values
+    return where, args, load_generation_defaults(where.model_path, chosen_settings(settings, parsed.chosen))
 
 
 @dataclass
