@@ -203,11 +203,12 @@ def export(args: ExportArguments) -> dict:
         }
         (staging / EXPORT_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the export from other users
-        if out.exists():
-            shutil.rmtree(out)  # an earlier export or an empty folder: check_output_dir allowed nothing else
+        if out.exists():  # an earlier export or an empty folder: check_output_dir allowed nothing else
+            os.replace(out, staging.with_name(staging.name + ".old"))
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.with_name(staging.name + ".old"), ignore_errors=True)
     logger.info("GGUF (%s, %.1f MB) and Modelfile written to %s", quantization, info["bytes"] / 1e6, out)
     return {**info, "output_dir": str(out)}
 
