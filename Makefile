@@ -37,9 +37,10 @@ help:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The project installs in editable mode with its test tools: `sft` imports from this checkout everywhere.
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
 tiny-model: $(TINY_MODEL)/config.json
@@ -77,12 +78,11 @@ merge: $(VENV)/.installed $(MODEL_DEPS)
 export-gguf: export-setup $(MODEL_DEPS)
 	$(PY) -m sft.export_gguf --model_path $(MODEL_PATH) --output_dir $(GGUF_DIR) $(ARGS)
 
-# The `export` extra of pyproject.toml (read with tomllib: Python 3.11+) and the converter (about 1-2 minutes, once).
+# The `export` extra of pyproject.toml and llama.cpp's converter (1-2 minutes, once).
 export-setup: $(VENV)/.export-installed $(CONVERTER)
 
-$(VENV)/.export-installed: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet $$($(PY) -c "import tomllib; \
-		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['export']))")
+$(VENV)/.export-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev,export]"
 	touch $@
 
 $(CONVERTER): | $(VENV)/.installed

@@ -9,22 +9,19 @@ fit the context window, the oldest turns are dropped first.
 
 import logging
 import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
-if __package__ in (None, ""):  # started as a file: import the package instead
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import torch
+from transformers import TextStreamer
 
-import torch  # noqa: E402
-from transformers import TextStreamer  # noqa: E402
-
-from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error  # noqa: E402
-from sft.inference import (  # noqa: E402
-    CommandParser,
+from sft.cli import parse_arguments
+from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
+from sft.generation import GenerationArguments, generation_kwargs
+from sft.inference import (
+    TrainedModelArguments,
     default_device,
     encode_prompt,
-    generation_kwargs,
     load_model,
-    load_tokenizer,
     quiet_library_noise,
     read_run,
     render_prompt,
@@ -47,7 +44,7 @@ class ChatSession:
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt or None
-        self.generation = generation or generation_kwargs(tokenizer, 128, True, 0.9, 0.7)
+        self.generation = generation or generation_kwargs(tokenizer, GenerationArguments())
         self.max_context = max_context
         self.history: list[dict] = []
         self.dropped_turns = 0
@@ -84,8 +81,7 @@ class ChatSession:
     def reply(self, user_text: str, prefix: str = "") -> str:
         """Generate the reply to `user_text` (streamed to stdout after `prefix`), remembering both."""
         ids = self.prompt_ids(user_text)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
+        input_ids = torch.tensor([ids], device=self.model.device)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         print(prefix, end="", flush=True)
         with torch.no_grad():
@@ -130,21 +126,18 @@ def interactive(session: ChatSession, lines=None) -> None:
         print()
 
 
-def build_parser() -> CommandParser:
-    parser = CommandParser(prog="python -m sft.chat", description=__doc__.splitlines()[0])
-    parser.add_argument("--model_path", required=True, help="training output folder (adapter) or a merged model")
-    parser.add_argument("--message", action="append", help="reply to this message and exit (repeat for several turns)")
-    parser.add_argument("--system_prompt", help="system prompt (default: the recipe's; '' for none)")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of nucleus sampling")
-    parser.add_argument("--top_p", type=float, default=0.9)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, help="sampling seed (default: the recipe's seed)")
-    parser.add_argument("--max_context", type=int, help="context window in tokens (default: the model's)")
-    parser.add_argument("--base_model", help="base model folder or Hub id (default: the adapter's own)")
-    parser.add_argument("--no_quantize", action="store_true", help="load the base unquantized instead of 4-bit")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    return parser
+@dataclass
+class ChatArguments:
+    """What to say, and the conversation's frame."""
+
+    message: list[str] | None = field(
+        default=None,
+        metadata={"help": "Reply to this message and exit (repeat the flag for several turns).", "action": "extend"},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System prompt (default: the recipe's; '' for none)."}
+    )
+    max_context: int | None = field(default=None, metadata={"help": "Context window in tokens (default: the model's)."})
 
 
 def context_window(model) -> int:
@@ -154,30 +147,34 @@ def context_window(model) -> int:
 
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> list[str]:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.max_new_tokens < 1 or not 0 < args.top_p <= 1 or args.temperature <= 0:
-        raise UserError("--max_new_tokens must be positive, --top_p in (0, 1] and --temperature positive")
+    where, args, settings = parse_arguments(
+        (TrainedModelArguments, ChatArguments, GenerationArguments),
+        sys.argv[1:] if argv is None else argv,
+        prog="python -m sft.chat",
+    ).values
     if args.message is not None and not all(m.strip() for m in args.message):
         raise UserError("--message must not be empty")
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     quiet_library_noise()
     from transformers import set_seed
 
-    run = read_run(args.model_path, args.base_model)
-    tokenizer = load_tokenizer(run)
-    model = load_model(run, quantize=False if args.no_quantize else None, device=args.device or default_device())
+    run = read_run(where.model_path, where.base_model)
+    tokenizer = run.load_tokenizer()
+    model = load_model(run, quantize=where.quantize, device=where.device or default_device())
     max_context = args.max_context or context_window(model)
-    if max_context <= args.max_new_tokens:
-        raise UserError(f"--max_context ({max_context}) must be larger than --max_new_tokens ({args.max_new_tokens})")
+    if max_context <= settings.max_new_tokens:
+        raise UserError(
+            f"--max_context ({max_context}) must be larger than --max_new_tokens ({settings.max_new_tokens})"
+        )
     system_prompt = run.recipe.get("system_prompt") if args.system_prompt is None else args.system_prompt
     session = ChatSession(
         model,
         tokenizer,
         system_prompt=system_prompt,
         max_context=max_context,
-        generation=generation_kwargs(tokenizer, args.max_new_tokens, not args.greedy, args.top_p, args.temperature),
+        generation=generation_kwargs(tokenizer, settings),
     )
-    set_seed(run.seed if args.seed is None else args.seed)
+    set_seed(run.seed if settings.seed is None else settings.seed)
     if args.message is None:
         interactive(session)
         return [m["content"] for m in session.history if m["role"] == "assistant"]

@@ -4,17 +4,15 @@ Values from the recipe become the parser's defaults and `--flag` overrides on th
 TRL's own `TrlParser`; on top of that every key and value is checked before anything is loaded.
 """
 
-import argparse
-import difflib
-import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import ModelConfig, SFTConfig
 
+from sft.cli import parse_arguments, plain
 from sft.errors import UserError
 
 
@@ -130,13 +128,6 @@ VALUE_RULES = [
 ]
 
 
-class RecipeParser(TrlParser):
-    """TRL's parser, reporting a bad command-line value as a UserError instead of a page of usage."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
 @dataclass
 class Recipe:
     """The parsed arguments, and the user's choices (recipe keys and flags) with their values as parsed."""
@@ -148,135 +139,32 @@ class Recipe:
     resolved: dict
 
 
+def training_default(name: str):
+    """TRL's SFTConfig default for a training key a recipe leaves out (seed, max_length, ...)."""
+    return SFTConfig.__dataclass_fields__[name].default
+
+
 def resolve_choices(chosen: list[str], parts: tuple) -> dict:
     """The chosen keys with their final values, secrets and run controls left out: what `recipe.yaml` records."""
     out = {}
     for key in dict.fromkeys(chosen):
         owner = next(part for part in parts if hasattr(part, key))
         if key not in SECRET_KEYS | RUN_CONTROL_KEYS:
-            out[key] = _plain(getattr(owner, key))
+            out[key] = plain(getattr(owner, key))
     return out
-
-
-def _plain(value):
-    """A YAML-friendly copy of an argument value."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def read_recipe_file(path: str) -> dict:
-    """Load a recipe YAML safely, with one clear message for a missing file or a syntax error."""
-    recipe_path = Path(path)
-    if not recipe_path.is_file():
-        raise UserError(f"recipe file not found: {path}")
-    try:
-        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"recipe {path} is not valid YAML{where}: {problem}") from None
-    if recipe is None:
-        return {}
-    if not isinstance(recipe, dict):
-        raise UserError(f"recipe {path} must be a mapping of `key: value` lines")
-    return recipe
-
-
-def take_recipe(argv: list[str]) -> tuple[dict, list[str]]:
-    """Split `--config recipe.yaml` off the command line: the recipe (its `env:` applied) and the other words."""
-    args, recipe = [], {}
-    for arg in argv:  # `--config=path` is `--config path`
-        args += arg.split("=", 1) if arg.startswith("--config=") else [arg]
-    if "--config" in args:
-        at = args.index("--config")
-        if at + 1 >= len(args):
-            raise UserError("--config needs a recipe path, e.g. --config recipes/smoke.yaml")
-        recipe = read_recipe_file(args[at + 1])
-        del args[at : at + 2]
-    env = recipe.pop("env", None) or {}
-    if not isinstance(env, dict):
-        raise UserError("recipe key `env` must be a mapping of variables, e.g. `env: {WANDB_PROJECT: lccc}`")
-    for name, value in env.items():
-        os.environ[str(name)] = str(value)
-    return recipe, args
-
-
-def did_you_mean(key: str, known) -> str:
-    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" (did you mean `{match[0]}`?)" if match else ""
-
-
-def _coerce(action, key: str, value):
-    """Convert a YAML value with the argparse type of its field, or explain what was expected."""
-    if value is None:
-        return None
-    if action.nargs in ("+", "*"):
-        return [_coerce_one(action, key, v) for v in (value if isinstance(value, list) else [value])]
-    return _coerce_one(action, key, value)
-
-
-def _coerce_one(action, key: str, value):
-    if isinstance(value, (dict, list)) or action.type is None:
-        return value
-    expected = getattr(action.type, "__name__", "a valid value")
-    if isinstance(value, bool) and action.type in (int, float):
-        raise UserError(f"recipe key `{key}`: expected {expected}, got {value!r}")
-    try:
-        converted = action.type(str(value) if not isinstance(value, str) else value)
-    except (TypeError, ValueError, KeyError, argparse.ArgumentTypeError):
-        raise UserError(f"recipe key `{key}`: expected {expected}, got {value!r}") from None
-    if action.choices is not None and converted not in action.choices:
-        choices = ", ".join(str(_plain(c)) for c in action.choices)
-        raise UserError(f"recipe key `{key}`: {value!r} is not one of {choices}")
-    return converted
-
-
-def flag_names(cli_args: list[str]) -> list[str]:
-    return [arg[2:].split("=", 1)[0] for arg in cli_args if arg.startswith("--")]
 
 
 def parse_recipe(argv: list[str]) -> Recipe:
     """Parse `--config recipe.yaml` plus `--flag value` overrides into checked dataclasses."""
-    parser = RecipeParser(RECIPE_DATACLASSES)
-    recipe, args = take_recipe(argv)
-    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     defaults = {}
-    for key, value in recipe.items():
-        if key not in actions:
-            raise UserError(f"unknown recipe key `{key}`{did_you_mean(key, actions)}")
-        defaults[key] = _coerce(actions[key], key, value)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        defaults.setdefault("use_cpu", True)  # several processes and no GPU: train together on the CPU (gloo)
-    parser.set_defaults_with_config(**defaults)
-
-    for flag in flag_names(args):
-        if flag not in actions and flag.replace("-", "_") not in actions:
-            raise UserError(f"unknown option `--{flag}`{did_you_mean(flag, actions)}")
-    try:
-        data, training, model, run, unused = parser.parse_args_into_dataclasses(
-            args=args, return_remaining_strings=True
-        )
-    except ValueError as err:
-        message = str(err).splitlines()[0]
-        if "support bf16" in message:
-            message = (
-                "bf16 is on (TRL's default) but this machine has no bf16 support: set `bf16: false` in the recipe "
-                "or pass `--bf16 false`, and `--fp16 true` on a GPU without bf16"
-            )
-        raise UserError(f"invalid recipe value: {message}") from None
-    if unused:
-        raise UserError(f"could not use these command-line words: {' '.join(unused)}")
-    chosen = [*recipe, *(f.replace("-", "_") for f in flag_names(args))]
-    resolved = resolve_choices(chosen, (data, training, model, run))
-    parsed = Recipe(data=data, training=training, model=model, run=run, resolved=resolved)
-    check_values(parsed)
-    return parsed
+        defaults["use_cpu"] = True  # several processes and no GPU: train together on the CPU (gloo)
+    parsed = parse_arguments(RECIPE_DATACLASSES, argv, defaults=defaults)
+    data, training, model, run = parsed.values
+    resolved = resolve_choices(parsed.chosen, parsed.values)
+    recipe = Recipe(data=data, training=training, model=model, run=run, resolved=resolved)
+    check_values(recipe)
+    return recipe
 
 
 def check_values(recipe: Recipe) -> None:

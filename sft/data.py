@@ -40,7 +40,8 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from filelock import FileLock
 from trl.data_utils import common_prefix_length
 
-from sft.config import RECIPE_DATACLASSES, DataArguments, RecipeParser, did_you_mean, flag_names, take_recipe
+from sft.cli import did_you_mean, parse_arguments, take_recipe
+from sft.config import RECIPE_DATACLASSES, DataArguments, training_default
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 
 logger = logging.getLogger(__name__)
@@ -932,9 +933,12 @@ class PrepareArguments:
         default=None,
         metadata={"help": "Folder for prepared data, one sub-folder per set of data arguments (./data/processed)."},
     )
-    seed: int = field(default=42, metadata={"help": "Seed for carving validation/test splits and subsets."})
+    seed: int = field(
+        default=training_default("seed"), metadata={"help": "Seed for carving validation/test splits and subsets."}
+    )
     max_length: int | None = field(
-        default=1024, metadata={"help": "Token limit of a training sample, for the truncation statistics."}
+        default=training_default("max_length"),
+        metadata={"help": "Token limit of a training sample, for the truncation statistics."},
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Model whose tokenizer and chat template measure the samples in tokens."}
@@ -950,23 +954,14 @@ class PrepareArguments:
 def parse_prepare_command(argv: list[str]) -> tuple[DataArguments, PrepareArguments]:
     """`--config recipe.yaml` plus flags (flags win); of the recipe, preparation uses what it needs."""
     recipe, args = take_recipe(argv)
-    parser = RecipeParser((DataArguments, PrepareArguments))
-    options = {action.dest for action in parser._actions}
     recipe_keys = {f.name for part in RECIPE_DATACLASSES for f in dataclasses.fields(part)}
-    from_recipe = []
-    for key, value in recipe.items():
+    for key in recipe:
         if key not in recipe_keys:
             raise UserError(f"unknown recipe key `{key}`{did_you_mean(key, recipe_keys)}")
-        if key in options and key != "output_dir" and value is not None:  # the recipe's output_dir is training's
-            from_recipe += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    for flag in flag_names(args):
-        if flag not in options:
-            hint = did_you_mean(flag, options)
-            raise UserError(f"unknown option `--{flag}`{hint}: python -m sft.data --help lists them")
-    try:
-        data, command = parser.parse_args_into_dataclasses(args=from_recipe + args)
-    except ValueError as err:
-        raise UserError(f"invalid value: {str(err).splitlines()[0]}") from None
+    recipe.pop("output_dir", None)  # the recipe's output_dir is training's
+    data, command = parse_arguments(
+        (DataArguments, PrepareArguments), args, recipe=recipe, ignore_unknown_keys=True, prog="python -m sft.data"
+    ).values
     if command.output_dir:
         data.processed_dir = command.output_dir
     return data, command
@@ -977,7 +972,12 @@ def add_token_statistics(folder: Path, command: PrepareArguments) -> None:
     from sft.model import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(command, command)  # reads only the model and template fields, which both carry
+        tokenizer = load_tokenizer(
+            command.model_name_or_path,
+            revision=command.model_revision,
+            trust_remote_code=command.trust_remote_code,
+            chat_template_path=command.chat_template_path,
+        )
     except UserError as err:
         logger.warning("token statistics skipped: %s", err)
         return

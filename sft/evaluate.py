@@ -9,26 +9,33 @@ the paper's automatic metrics (character-level BLEU-2/BLEU-4, Distinct-1/2, aver
 `eval_report.json`, `eval_report.md` and `loss_curves.png`.
 """
 
+if __name__ == "__main__" and not __package__:
+    # Started as a file (`python sft/evaluate.py`): Python would put sft/ first on the module path, where this
+    # file hides Hugging Face's `evaluate` package; run it as the package's module instead.
+    import os
+    import sys
+
+    os.execv(sys.executable, [sys.executable, "-m", "sft.evaluate", *sys.argv[1:]])
+
+import dataclasses
 import json
 import logging
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # started as a file: import the package, and let `evaluate` mean the HF package
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import torch
 
-import torch  # noqa: E402
-
-from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error  # noqa: E402
-from sft.inference import (  # noqa: E402
-    CommandParser,
+from sft.cli import parse_arguments
+from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
+from sft.generation import GenerationArguments, generation_kwargs
+from sft.inference import (
+    TrainedModelArguments,
     default_device,
     encode_prompt,
-    generation_kwargs,
     load_base,
     load_model,
-    load_tokenizer,
     quantization_label,
     quiet_library_noise,
     read_run,
@@ -136,19 +143,19 @@ def reply_perplexity(
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, contexts: list[list[dict]], settings: dict, sample: bool) -> list[str]:
-    """Replies for each context, in batches with left padding, stopping at `</s>`; sampling seeded."""
+def generate_replies(
+    model, tokenizer, contexts: list[list[dict]], generation: GenerationArguments, batch_size: int, sample: bool
+) -> list[str]:
+    """Replies for each context, in batches with left padding, stopping at the end of the turn; sampling seeded."""
     from transformers import set_seed
 
     device = model_device(model)
-    kwargs = generation_kwargs(
-        tokenizer, settings["max_new_tokens"], sample, settings["top_p"], settings["temperature"]
-    )
+    kwargs = generation_kwargs(tokenizer, generation, sample)
     tokenizer.padding_side = "left"
-    set_seed(settings["seed"])
+    set_seed(generation.seed)
     replies = []
-    for start in range(0, len(contexts), settings["batch_size"]):
-        prompts = [render_prompt(tokenizer, messages) for messages in contexts[start : start + settings["batch_size"]]]
+    for start in range(0, len(contexts), batch_size):
+        prompts = [render_prompt(tokenizer, messages) for messages in contexts[start : start + batch_size]]
         batch = encode_prompt(tokenizer, prompts, padding=True, return_tensors="pt").to(device)
         output = model.generate(**batch, **kwargs)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
@@ -156,7 +163,9 @@ def generate_replies(model, tokenizer, contexts: list[list[dict]], settings: dic
     return replies
 
 
-def evaluate_model(model, tokenizer, conversations, contexts, references, settings: dict, label: str) -> dict:
+def evaluate_model(
+    model, tokenizer, conversations, contexts, references, settings: dict, generation: GenerationArguments, label: str
+) -> dict:
     logger.info("%s: perplexity over the replies of %d test conversations", label, len(conversations))
     perplexity = reply_perplexity(
         model, tokenizer, conversations, settings["max_length"], settings["batch_size"], settings["last_reply_only"]
@@ -164,7 +173,9 @@ def evaluate_model(model, tokenizer, conversations, contexts, references, settin
     replies, scores = {}, {}
     for decoding in DECODINGS:
         logger.info("%s: generating %d replies (%s)", label, len(contexts), decoding)
-        replies[decoding] = generate_replies(model, tokenizer, contexts, settings, sample=decoding == "sampling")
+        replies[decoding] = generate_replies(
+            model, tokenizer, contexts, generation, settings["batch_size"], sample=decoding == "sampling"
+        )
         scores[decoding] = reply_metrics(replies[decoding], references)
     metrics = {"perplexity": perplexity.pop("perplexity"), **scores[HEADLINE_DECODING], **perplexity, **scores}
     return {"metrics": metrics, "replies": replies}
@@ -270,35 +281,36 @@ def plot_loss_curves(trainer_state: Path, output: Path) -> Path | None:
 # --- The command. -----------------------------------------------------------------------------------------------
 
 
-def build_parser() -> CommandParser:
-    parser = CommandParser(prog="python -m sft.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model_path", required=True, help="training output folder (adapter) or a merged model")
-    parser.add_argument("--output_dir", help="where the report goes (default: the model folder)")
-    parser.add_argument("--compare_base", action="store_true", help="also evaluate the base model, side by side")
-    parser.add_argument("--base_model", help="base model folder or Hub id (default: the adapter's own)")
-    parser.add_argument("--no_quantize", action="store_true", help="load the base unquantized instead of 4-bit")
-    parser.add_argument("--dataset_name", help="evaluate on this LCCC file or Hub id instead of the recipe's")
-    parser.add_argument("--split", default="test", help="held-out split to evaluate on (default: test)")
-    parser.add_argument("--num_samples", type=int, default=100, help="test contexts to generate replies for")
-    parser.add_argument("--max_ppl_samples", type=int, help="at most this many conversations for perplexity")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling p (LCCC paper: 0.9)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (LCCC paper: 0.7)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default: the recipe's seed)")
-    parser.add_argument("--num_examples", type=int, default=5, help="example replies shown in eval_report.md")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    return parser
+@dataclass
+class EvalArguments:
+    """What to evaluate on, how much of it, and where the report goes."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the report goes (default: the model folder)."}
+    )
+    compare_base: bool = field(default=False, metadata={"help": "Also evaluate the base model, side by side."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Evaluate on this LCCC file or Hub id instead of the recipe's data."}
+    )
+    split: str = field(default="test", metadata={"help": "Held-out split to evaluate on."})
+    num_samples: int = field(default=100, metadata={"help": "Test contexts to generate replies for."})
+    max_ppl_samples: int | None = field(
+        default=None, metadata={"help": "At most this many conversations for perplexity."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Conversations per forward pass or generate call."})
+    num_examples: int = field(default=5, metadata={"help": "Example replies shown in eval_report.md."})
+
+    def __post_init__(self):
+        if self.num_samples < 0 or self.num_examples < 0:
+            raise UserError("--num_samples and --num_examples must be at least 0")
+        if self.batch_size < 1:
+            raise UserError("--batch_size must be positive")
 
 
-def parse_args(argv):
-    args = build_parser().parse_args(argv)
-    for name in ("num_samples", "max_new_tokens", "batch_size", "num_examples"):
-        if getattr(args, name) < (0 if name in ("num_samples", "num_examples") else 1):
-            raise UserError(f"--{name} must be {'at least 0' if name.startswith('num') else 'positive'}")
-    if not 0 < args.top_p <= 1 or args.temperature <= 0:
-        raise UserError("--top_p must be in (0, 1] and --temperature positive")
-    return args
+def parse_args(argv: list[str]) -> tuple[TrainedModelArguments, EvalArguments, GenerationArguments]:
+    return parse_arguments(
+        (TrainedModelArguments, EvalArguments, GenerationArguments), argv, prog="python -m sft.evaluate"
+    ).values
 
 
 def row_messages(row: dict) -> tuple[list[dict], bool]:
@@ -338,27 +350,24 @@ def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str]:
     return conversations, rows[0][1], data.dataset_name
 
 
-def evaluate(args) -> dict:
-    run = read_run(args.model_path, args.base_model)
+def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: GenerationArguments) -> dict:
+    run = read_run(where.model_path, where.base_model)
     if args.compare_base and not run.base_model:
-        raise UserError(f"--compare_base: {args.model_path} does not say which base it came from; give --base_model")
+        raise UserError(f"--compare_base: {where.model_path} does not say which base it came from; give --base_model")
     conversations, last_reply_only, dataset_name = held_out_conversations(run, args)
     ppl_conversations = conversations[: args.max_ppl_samples]
     generated = conversations[: args.num_samples]
     contexts = [messages[:-1] for messages in generated]
     references = [messages[-1]["content"] for messages in generated]
-    device = args.device or default_device()
-    quantize = False if args.no_quantize else None
+    device = where.device or default_device()
+    quantize = where.quantize
+    generation = dataclasses.replace(generation, seed=run.seed if generation.seed is None else generation.seed)
     settings = {
         "split": args.split,
         "dataset_name": dataset_name,
         "ppl_conversations": len(ppl_conversations),
         "num_samples": len(contexts),
-        "max_new_tokens": args.max_new_tokens,
-        "top_p": args.top_p,
-        "temperature": args.temperature,
-        "top_k": 0,
-        "seed": run.seed if args.seed is None else args.seed,
+        **{key: value for key, value in dataclasses.asdict(generation).items() if key != "do_sample"},
         "batch_size": args.batch_size,
         "max_length": run.max_length,
         "last_reply_only": last_reply_only,
@@ -370,18 +379,24 @@ def evaluate(args) -> dict:
         "distinct": "distinct / all character n-grams over all replies",
     }
 
-    tokenizer = load_tokenizer(run, reply_mask=True)
+    tokenizer = run.load_tokenizer(reply_mask=True)
     model = load_model(run, quantize=quantize, device=device)
-    tuned = evaluate_model(model, tokenizer, ppl_conversations, contexts, references, settings, "fine-tuned")
+    tuned = evaluate_model(
+        model, tokenizer, ppl_conversations, contexts, references, settings, generation, "fine-tuned"
+    )
     base = None
     if args.compare_base:
         if run.is_adapter:
             with model.disable_adapter():
-                base = evaluate_model(model, tokenizer, ppl_conversations, contexts, references, settings, "base")
+                base = evaluate_model(
+                    model, tokenizer, ppl_conversations, contexts, references, settings, generation, "base"
+                )
         else:  # a merged model: load the base it came from, unquantized like the merged weights
             del model
             base_model = load_base(run, quantize=False, device=device).eval()
-            base = evaluate_model(base_model, tokenizer, ppl_conversations, contexts, references, settings, "base")
+            base = evaluate_model(
+                base_model, tokenizer, ppl_conversations, contexts, references, settings, generation, "base"
+            )
 
     samples = []
     for i, (context, reference) in enumerate(zip(contexts, references, strict=True)):
@@ -413,10 +428,10 @@ def evaluate(args) -> dict:
 
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    where, args, generation = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     quiet_library_noise()
-    report = evaluate(args)
+    report = evaluate(where, args, generation)
     print(metrics_table(report))
     return report
 

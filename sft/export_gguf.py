@@ -21,14 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # started as a file: import the package instead
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from sft.config import RecipeParser  # noqa: E402
-from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error  # noqa: E402
-from sft.inference import ROOT, load_tokenizer, quiet_library_noise, read_run  # noqa: E402
-from sft.merge import check_output_dir, merge  # noqa: E402
-from sft.template import strip_generation_markers  # noqa: E402
+from sft.cli import parse_arguments
+from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
+from sft.inference import ROOT, quiet_library_noise, read_run
+from sft.merge import MergeArguments, check_output_dir, merge
+from sft.template import strip_generation_markers
 
 logger = logging.getLogger(__name__)
 EXPORT_INFO = "export_info.json"
@@ -42,8 +39,10 @@ QUANTIZATIONS = ("f16", "bf16", "q8_0", "f32")
 class OllamaFormat:
     """How one chat-template family reads as an Ollama Go template, and the text that must stop a reply.
 
-    `template` renders Ollama's `.System` and `.Messages`; the tokenizer adds the leading BOS itself, as
-    llama.cpp does for a GGUF whose `add_bos_token` is true, so the template starts after it.
+    `template` renders Ollama's `.System` and `.Messages` to the text the family's Jinja template renders with
+    `add_generation_prompt=True` (ending where the reply starts), less the leading BOS that llama.cpp adds itself
+    for a GGUF whose `add_bos_token` is true. `stops` are the end-of-turn token and the format's own markers.
+    A new family is one entry here; tests/test_export_gguf.py renders it through Go's text/template.
     """
 
     family: str
@@ -67,21 +66,21 @@ OLLAMA_FORMATS = (
 
 
 @dataclass
-class ExportArguments:
+class ExportArguments(MergeArguments):
+    """The merge's arguments (for a training output folder), plus the GGUF type and the Modelfile's system prompt."""
+
     model_path: str = field(metadata={"help": "A training output folder (LoRA adapter) or a merged model folder."})
     output_dir: str | None = field(
         default=None, metadata={"help": "Where the GGUF and the Modelfile go (default: <model_path>-gguf)."}
     )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier export in --output_dir."})
     quantization: str = field(
         default="f16", metadata={"help": f"GGUF weight type: {', '.join(QUANTIZATIONS)} (llama.cpp's converter)."}
     )
     system_prompt: str | None = field(
         default=None, metadata={"help": "The Modelfile's SYSTEM line (default: the recipe's system_prompt, if any)."}
     )
-    base_model: str | None = field(default=None, metadata={"help": "Base model to merge into (default: the run's)."})
-    device: str | None = field(default=None, metadata={"help": "Where to merge: cuda or cpu (default: cuda if any)."})
     converter: str = field(default=str(CONVERTER), metadata={"help": "llama.cpp's convert_hf_to_gguf.py."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier export in --output_dir."})
 
 
 def check_quantization(quantization: str) -> str:
@@ -173,7 +172,7 @@ def export(args: ExportArguments) -> dict:
     converter = check_converter(args.converter)
     out = Path(args.output_dir or f"{str(args.model_path).rstrip('/')}-gguf")
     check_output_dir(out, run.model_path, args.overwrite, EXPORT_INFO)
-    tokenizer = load_tokenizer(run)
+    tokenizer = run.load_tokenizer()
     chat_template = strip_generation_markers(tokenizer.chat_template)
     fmt = ollama_format(chat_template)
     system_prompt = run.recipe.get("system_prompt") if args.system_prompt is None else args.system_prompt
@@ -186,7 +185,7 @@ def export(args: ExportArguments) -> dict:
         source = run.model_path
         if run.is_adapter:
             source = staging / "merged"
-            merge(str(run.model_path), str(source), device=args.device, base_model=args.base_model)
+            merge(str(run.model_path), str(source), args.dtype, args.device, args.base_model)
         convert(source, staging / gguf_name, quantization, converter)
         check_gguf(staging / gguf_name, tokenizer, chat_template)
         if run.is_adapter:
@@ -215,12 +214,9 @@ def export(args: ExportArguments) -> dict:
 
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    parser = RecipeParser(ExportArguments, prog="python -m sft.export_gguf", description=__doc__.splitlines()[0])
-    args, unused = parser.parse_args_into_dataclasses(
-        sys.argv[1:] if argv is None else argv, return_remaining_strings=True
-    )
-    if unused:
-        raise UserError(f"unknown arguments: {' '.join(unused)}")
+    (args,) = parse_arguments(
+        (ExportArguments,), sys.argv[1:] if argv is None else argv, prog="python -m sft.export_gguf"
+    ).values
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     quiet_library_noise()
     info = export(args)

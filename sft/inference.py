@@ -5,8 +5,6 @@ the training chat template and `recipe.yaml`. A merged folder (`python -m sft.me
 its tokenizer, a copy of `recipe.yaml` and `merge_info.json` naming the base it came from.
 """
 
-import argparse
-import dataclasses
 import json
 import logging
 import warnings
@@ -16,16 +14,33 @@ from pathlib import Path
 import torch
 from trl import ModelConfig
 
-from sft.config import RECIPE_FILE, DataArguments, read_recipe_file
+from sft.cli import parse_arguments, read_recipe_file
+from sft.config import RECIPE_FILE, DataArguments, training_default
 from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 MERGE_INFO = "merge_info.json"
-# TRL's SFTConfig defaults for the two training keys inference needs when a recipe leaves them out.
-DEFAULT_SEED = 42
-DEFAULT_MAX_LENGTH = 1024
+
+
+@dataclass
+class TrainedModelArguments:
+    """Which trained model a command loads, and where."""
+
+    model_path: str = field(metadata={"help": "Training output folder (adapter) or a merged model folder."})
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base model folder or Hub id (default: the one the adapter names)."}
+    )
+    no_quantize: bool = field(
+        default=False, metadata={"help": "Load the base unquantized instead of 4-bit as in training."}
+    )
+    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu (default: cuda when available)."})
+
+    @property
+    def quantize(self) -> bool | None:
+        """None follows the recipe (4-bit when training was); False loads the base unquantized."""
+        return False if self.no_quantize else None
 
 
 def resolve_local(name: str | None) -> str | None:
@@ -50,8 +65,8 @@ class Run:
     recipe: dict = field(default_factory=dict)
     data: DataArguments | None = None
     model_args: ModelConfig | None = None
-    seed: int = DEFAULT_SEED
-    max_length: int = DEFAULT_MAX_LENGTH
+    seed: int = training_default("seed")
+    max_length: int = training_default("max_length")
     trust_remote_code: bool = False
 
     @property
@@ -62,12 +77,24 @@ class Run:
         """Whether the base loads quantized: as in training unless `quantize` says otherwise."""
         return self.is_adapter and self.quantized_in_training and (quantize is None or quantize)
 
+    def load_tokenizer(self, reply_mask: bool = False):
+        """The run's tokenizer with its reply-marking chat template (markers are no-ops when generating).
 
-def _dataclass_from(cls, values: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
+        A training output folder holds the training template; a merged folder holds the plain one, which gets its
+        markers back here. Only `reply_mask` (perplexity) insists on them.
+        """
+        from sft.model import load_tokenizer
+
+        return load_tokenizer(
+            str(self.model_path), trust_remote_code=self.trust_remote_code, need_reply_markers=reply_mask
+        )
+
+
+def recipe_part(cls, recipe: dict, where: Path):
+    """The recipe's keys for one dataclass, parsed as training parsed them; other keys are left alone."""
     try:
-        return cls(**{key: value for key, value in values.items() if key in names})
-    except (TypeError, ValueError) as err:
+        return parse_arguments((cls,), recipe=recipe, ignore_unknown_keys=True).values[0]
+    except UserError as err:
         raise UserError(f"{where}: {err}") from None
 
 
@@ -104,10 +131,10 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
 
     data = None
     if recipe.get("dataset_name"):
-        data = _dataclass_from(DataArguments, recipe, f"{recipe_path}")
+        data = recipe_part(DataArguments, recipe, recipe_path)
         data.dataset_name = resolve_local(data.dataset_name)
     model_values = {**recipe, "model_name_or_path": resolve_local(base_model) if base_model else str(path)}
-    model_args = _dataclass_from(ModelConfig, model_values, f"{recipe_path}")
+    model_args = recipe_part(ModelConfig, model_values, recipe_path)
     return Run(
         model_path=path,
         is_adapter=is_adapter,
@@ -115,20 +142,10 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
         recipe=recipe,
         data=data,
         model_args=model_args,
-        seed=int(recipe.get("seed", DEFAULT_SEED)),
-        max_length=int(recipe.get("max_length") or DEFAULT_MAX_LENGTH),
+        seed=int(recipe.get("seed", training_default("seed"))),
+        max_length=int(recipe.get("max_length") or training_default("max_length")),
         trust_remote_code=bool(recipe.get("trust_remote_code", False)),
     )
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse for our commands: a bad flag is a UserError (one line, exit code 2), never a usage page."""
-
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        raise UserError(message)
 
 
 def quiet_library_noise() -> None:
@@ -139,29 +156,6 @@ def quiet_library_noise() -> None:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_tokenizer(run: Run, reply_mask: bool = False):
-    """The run's tokenizer with a chat template that marks the replies (markers are no-ops when generating).
-
-    A training output folder already holds the training template; a merged folder holds the plain one, which gets
-    its markers back here. Only `reply_mask` (perplexity) insists on them.
-    """
-    from transformers import AutoTokenizer
-    from trl.chat_template_utils import has_generation_markers
-
-    from sft.template import training_chat_template
-
-    tokenizer = AutoTokenizer.from_pretrained(run.model_path, trust_remote_code=run.trust_remote_code)
-    if not tokenizer.chat_template or not has_generation_markers(tokenizer.chat_template):
-        try:
-            tokenizer.chat_template = training_chat_template(tokenizer)
-        except UserError:
-            if reply_mask or not tokenizer.chat_template:
-                raise
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def torch_dtype(name) -> torch.dtype | str:
@@ -243,20 +237,3 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 def encode_prompt(tokenizer, prompt: str | list[str], **kwargs):
     """Tokenize rendered prompts: they already hold `<s>`, so no special tokens are added (never `<s><s>`)."""
     return tokenizer(prompt, add_special_tokens=False, **kwargs)
-
-
-def generation_kwargs(tokenizer, max_new_tokens: int, sample: bool, top_p: float, temperature: float) -> dict:
-    """Greedy or nucleus sampling, stopping at `</s>`, independent of the model's own generation defaults."""
-    kwargs = {
-        "max_new_tokens": max_new_tokens,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "num_beams": 1,
-        "repetition_penalty": 1.0,
-    }
-    if sample:
-        # Pure nucleus sampling as in the LCCC paper: top_k=0 switches off transformers' default top-k of 50.
-        kwargs.update(do_sample=True, top_p=top_p, temperature=temperature, top_k=0)
-    else:
-        kwargs["do_sample"] = False
-    return kwargs

@@ -13,22 +13,19 @@ import json
 import logging
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # started as a file: import the package instead
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import torch
 
-import torch  # noqa: E402
-
-from sft.checkpoints import FINISHED_MARKER  # noqa: E402
-from sft.config import RECIPE_FILE  # noqa: E402
-from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error  # noqa: E402
-from sft.inference import (  # noqa: E402
+from sft.checkpoints import FINISHED_MARKER
+from sft.cli import parse_arguments
+from sft.config import RECIPE_FILE
+from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
+from sft.inference import (
     MERGE_INFO,
-    CommandParser,
     default_device,
     load_base,
-    load_tokenizer,
     quantization_label,
     quiet_library_noise,
     read_run,
@@ -116,7 +113,7 @@ def merge(model_path: str, output_dir: str, dtype=None, device=None, base_model=
             trained_on,
             str(dtype).removeprefix("torch."),
         )
-    tokenizer = load_tokenizer(run)
+    tokenizer = run.load_tokenizer()
     base = load_base(run, quantize=False, device=device, dtype=dtype)
     model = PeftModel.from_pretrained(base, run.model_path).eval()
     before = probe_logits(model, tokenizer)
@@ -154,24 +151,34 @@ def merge(model_path: str, output_dir: str, dtype=None, device=None, base_model=
     return info
 
 
-def build_parser() -> CommandParser:
-    parser = CommandParser(prog="python -m sft.merge", description=__doc__.splitlines()[0])
-    parser.add_argument("--model_path", required=True, help="training output folder holding the LoRA adapter")
-    parser.add_argument("--output_dir", help="where the merged model goes (default: <model_path>-merged)")
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype of the merged weights (default: bf16 or fp16 on a GPU; on CPU or for a float32 base its own)",
+@dataclass
+class MergeArguments:
+    """Which adapter to merge, into what, and where the merged model goes."""
+
+    model_path: str = field(metadata={"help": "Training output folder holding the LoRA adapter."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the merged model goes (default: <model_path>-merged)."}
     )
-    parser.add_argument("--base_model", help="base model folder or Hub id (default: the adapter's own)")
-    parser.add_argument("--device", help="where to merge: cuda, cpu (default: cuda when available)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier merge in --output_dir")
-    return parser
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype of the merged weights (default: bf16 or fp16 on a GPU; on CPU or for a float32 base its "
+            "own).",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+        },
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base model folder or Hub id (default: the adapter's own)."}
+    )
+    device: str | None = field(default=None, metadata={"help": "Where to merge: cuda, cpu (default: cuda if any)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier merge in --output_dir."})
 
 
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    (args,) = parse_arguments(
+        (MergeArguments,), sys.argv[1:] if argv is None else argv, prog="python -m sft.merge"
+    ).values
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     quiet_library_noise()
     output_dir = args.output_dir or f"{str(args.model_path).rstrip('/')}-merged"

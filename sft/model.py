@@ -49,17 +49,30 @@ def hub_error_message(name: str, err: OSError) -> str:
     return f"could not load {name}: {str(err).splitlines()[0]}"
 
 
-def load_tokenizer(model_args: ModelConfig, training_args: SFTConfig):
-    """The model's tokenizer with a training chat template that marks the assistant replies."""
-    name = model_args.model_name_or_path
+def load_tokenizer(
+    name: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template_path: str | None = None,
+    need_reply_markers: bool = True,
+):
+    """A model's or run's tokenizer, with a chat template whose assistant replies carry `{% generation %}` markers.
+
+    Training needs the markers (loss on the replies only); generating does not, so with `need_reply_markers` off a
+    template TRL cannot mark stays as it is. The pad token falls back to the end-of-sequence token, as in TRL.
+    """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise UserError(hub_error_message(name, err)) from None
-    tokenizer.chat_template = training_chat_template(tokenizer, training_args.chat_template_path)
-    training_args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
+    try:
+        tokenizer.chat_template = training_chat_template(tokenizer, chat_template_path)
+    except UserError:
+        if need_reply_markers or not tokenizer.chat_template:
+            raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

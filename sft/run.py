@@ -5,15 +5,11 @@ accelerate launch sft/run.py --config recipes/smoke.yaml [--any_training_argumen
 
 import logging
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # started as a file (`accelerate launch sft/run.py`): import the package instead
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from sft.config import parse_recipe  # noqa: E402
-from sft.data import load_conversations  # noqa: E402
-from sft.errors import LOG_FORMAT, exits_cleanly_on_user_error  # noqa: E402
-from sft.model import check_model_source  # noqa: E402
+from sft.config import parse_recipe
+from sft.data import load_conversations
+from sft.errors import LOG_FORMAT, exits_cleanly_on_user_error
+from sft.model import check_model_source
 
 
 @exits_cleanly_on_user_error

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import torch
 from accelerate import PartialState
 from datasets import DatasetDict
+from peft import NoMatchingPeftModuleError
 from trl import SFTTrainer, get_peft_config
 
 from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
@@ -86,21 +87,41 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     args = recipe.training
     args.model_init_kwargs = model_init_kwargs(recipe.model, args)
     keep_packed_sequences_apart(args, args.model_init_kwargs["attn_implementation"])
-    tokenizer = load_tokenizer(recipe.model, args)
+    tokenizer = load_tokenizer(
+        recipe.model.model_name_or_path,
+        revision=recipe.model.model_revision,
+        trust_remote_code=args.trust_remote_code,
+        chat_template_path=args.chat_template_path,
+    )
+    args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
     check_max_length_fits_a_turn(tokenizer, datasets["train"], args.max_length)
     evaluating = args.eval_strategy != "no"
     if evaluating and not len(datasets.get("validation", [])):
         raise UserError("eval_strategy asks for evaluation but the data has no validation samples (see val_size)")
     args.eval_on_start = args.eval_on_start and evaluating
-    return CountingSFTTrainer(
-        model=recipe.model.model_name_or_path,
-        args=args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"] if evaluating else None,
-        processing_class=tokenizer,
-        quantization_config=quantization_config(recipe.model),
-        peft_config=get_peft_config(recipe.model),
-    )
+    try:
+        return CountingSFTTrainer(
+            model=recipe.model.model_name_or_path,
+            args=args,
+            train_dataset=datasets["train"],
+            eval_dataset=datasets["validation"] if evaluating else None,
+            processing_class=tokenizer,
+            quantization_config=quantization_config(recipe.model),
+            peft_config=get_peft_config(recipe.model),
+        )
+    except NoMatchingPeftModuleError:
+        raise UserError(
+            f"lora_target_modules {recipe.model.lora_target_modules} name no module of "
+            f"{recipe.model.model_name_or_path}; use `all-linear` or names of its linear layers (e.g. q_proj v_proj)"
+        ) from None
+
+
+def create_output_dir(output_dir: Path) -> None:
+    """Make `output_dir` before anything is loaded, so a folder that cannot exist is one clear error."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output_dir {output_dir}: {err.strerror or err}") from None
 
 
 def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss: float) -> dict:
@@ -173,9 +194,9 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
             args.output_dir, recipe.resolved, recipe.run.overwrite_output_dir
         )
     use_wandb_offline_without_login(args.report_to, args.output_dir)
+    create_output_dir(output_dir)
     trainer = build_trainer(recipe, datasets)
     if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_recipe(recipe, args.output_dir)
 
     stopper = StopOnSignal()

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_command
+from helpers import run_command
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.bench_gpu import LLAMA2_7B, fastest_attention, flops_per_token, peak_bf16_flops

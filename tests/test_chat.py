@@ -5,15 +5,17 @@ import sys
 
 import pytest
 import transformers
-from conftest import run_command
+from helpers import run_command
 
 import sft.chat
 from sft.chat import ASSISTANT_PROMPT, ChatSession, MessageTooLong, interactive, main
-from sft.inference import generation_kwargs
+from sft.generation import GenerationArguments, generation_kwargs
 
 
 def session_for(trained_model, trained_tokenizer, max_context=1024, max_new_tokens=6, **kwargs):
-    generation = generation_kwargs(trained_tokenizer, max_new_tokens, False, 0.9, 0.7)
+    generation = generation_kwargs(
+        trained_tokenizer, GenerationArguments(max_new_tokens=max_new_tokens, do_sample=False)
+    )
     return ChatSession(trained_model, trained_tokenizer, max_context=max_context, generation=generation, **kwargs)
 
 
@@ -103,4 +105,4 @@ def test_chat_flag_mistakes_are_one_line(smoke_run, capsys):
     assert capsys.readouterr().err.startswith("error: --max_new_tokens must be positive")
     with pytest.raises(SystemExit):
         main(["--model_path", str(smoke_run), "--temperatur", "1"])
-    assert "unrecognized arguments: --temperatur" in capsys.readouterr().err
+    assert "unknown option `--temperatur` (did you mean `temperature`?)" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from conftest import SMOKE_RECIPE, run_command
+from helpers import SMOKE_RECIPE, run_command
 
 from sft.config import parse_recipe, save_resolved_recipe
 from sft.errors import UserError

@@ -8,9 +8,9 @@ import sys
 from unittest import mock
 
 import pytest
-from conftest import run_command
 from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetNotFoundError
+from helpers import run_command
 
 from sft import data
 from sft.config import DataArguments

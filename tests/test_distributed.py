@@ -12,7 +12,7 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
-from conftest import LAUNCH, ROOT, run_command, start_command, wait_for
+from helpers import LAUNCH, ROOT, run_command, start_command, wait_for
 
 from sft.checkpoints import latest_complete_checkpoint
 

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 import torch
-from conftest import SMOKE_RECIPE
+from helpers import SMOKE_RECIPE
 from huggingface_hub.errors import GatedRepoError
 from transformers import AutoTokenizer
 
@@ -34,6 +34,24 @@ def test_yaml_syntax_error_names_the_line(capsys, tmp_path):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("lora_r: 8\nlearning_rate: [2.0e-4\nseed: 1\n")
     assert "is not valid YAML at line 3" in run_main(capsys, "--config", str(recipe))
+
+
+def test_empty_recipe_says_it_is_empty(capsys, tmp_path):
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("# nothing yet\n")
+    assert run_main(capsys, "--config", str(recipe)) == f"error: recipe {recipe} is empty: give at least " + (
+        "`model_name_or_path` and `dataset_name`"
+    )
+
+
+def test_output_dir_that_cannot_be_created(capsys, tiny_model):
+    message = run_main(capsys, *smoke("--output_dir", "/proc/no-such-dir/out", "--max_steps", "1"))
+    assert message == "error: cannot create output_dir /proc/no-such-dir/out: No such file or directory"
+
+
+def test_lora_target_modules_matching_no_module(capsys, tiny_model, tmp_path):
+    message = run_main(capsys, *smoke("--output_dir", str(tmp_path / "out"), "--lora_target_modules", "qkv", "fc9"))
+    assert message.startswith("error: lora_target_modules ['qkv', 'fc9'] name no module of build/tiny-llama;")
 
 
 def test_unknown_key_names_the_closest(capsys):

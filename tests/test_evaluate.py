@@ -6,9 +6,10 @@ import math
 import pytest
 import sacrebleu
 import torch
-from conftest import run_command
+from helpers import run_command
 
 from sft.evaluate import average_length, bleu, distinct, generate_replies, main, reply_metrics, reply_perplexity
+from sft.generation import GenerationArguments
 from sft.inference import encode_prompt, render_prompt
 
 # --- Metrics against values worked out by hand. ------------------------------------------------------------------
@@ -125,15 +126,12 @@ def test_perplexity_does_not_depend_on_batching(trained_model, trained_tokenizer
 
 def test_batched_left_padded_generation_matches_one_by_one_and_is_seeded(trained_model, trained_tokenizer):
     contexts = [CONVERSATIONS[0][:1], CONVERSATIONS[1][:3], CONVERSATIONS[2]]
-    settings = {"max_new_tokens": 6, "top_p": 0.9, "temperature": 0.7, "seed": 7, "batch_size": 3}
-    batched = generate_replies(trained_model, trained_tokenizer, contexts, settings, sample=False)
-    single = [
-        generate_replies(trained_model, trained_tokenizer, [c], {**settings, "batch_size": 1}, sample=False)[0]
-        for c in contexts
-    ]
+    settings = GenerationArguments(max_new_tokens=6, top_p=0.9, temperature=0.7, seed=7)
+    batched = generate_replies(trained_model, trained_tokenizer, contexts, settings, 3, sample=False)
+    single = [generate_replies(trained_model, trained_tokenizer, [c], settings, 1, sample=False)[0] for c in contexts]
     assert batched == single
-    sampled = generate_replies(trained_model, trained_tokenizer, contexts, settings, sample=True)
-    assert generate_replies(trained_model, trained_tokenizer, contexts, settings, sample=True) == sampled
+    sampled = generate_replies(trained_model, trained_tokenizer, contexts, settings, 3, sample=True)
+    assert generate_replies(trained_model, trained_tokenizer, contexts, settings, 3, sample=True) == sampled
 
 
 # --- End to end on the smoke run. ----------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ import shutil
 import gguf
 import pytest
 import torch
-from conftest import BIN, run_command
+from helpers import BIN, run_command
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sft.export_gguf
-from sft.inference import encode_prompt, load_model, load_tokenizer, read_run, render_prompt
+from sft.inference import encode_prompt, load_model, read_run, render_prompt
 from sft.template import strip_generation_markers
 
 SYSTEM_PROMPT = "你是一个友好的聊天机器人。"
@@ -111,7 +111,7 @@ def exported_q8(exported, smoke_run, tmp_path_factory):
 def reference(smoke_run):
     """Base + adapter, unquantized on the CPU: what the merge inside the export writes (test_merge: within 1e-4)."""
     run = read_run(str(smoke_run))
-    tokenizer = load_tokenizer(run)
+    tokenizer = run.load_tokenizer()
     tokenizer.padding_side = "left"
     return load_model(run, quantize=False, device="cpu"), tokenizer
 
@@ -122,7 +122,9 @@ def test_gguf_holds_every_tensor_the_template_and_the_special_tokens(exported, r
     reader = gguf.GGUFReader(exported / "model-f16.gguf")
     model = AutoModelForCausalLM.from_pretrained(tiny_model)  # the merge changes values, never names or shapes
     weights = model.state_dict()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    metadata = sft.export_gguf.read_gguf_metadata(exported / "model-f16.gguf")
+    arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[metadata["general.architecture"]]
+    names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     expected = {names.get_name(name, try_suffixes=(".weight",)): tuple(w.shape) for name, w in weights.items()}
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == len(expected) == 3 + 9 * model.config.num_hidden_layers
@@ -131,7 +133,6 @@ def test_gguf_holds_every_tensor_the_template_and_the_special_tokens(exported, r
     } == expected  # GGUF lists dims inner-first
     assert {t.tensor_type.name for t in tensors.values() if len(t.shape) == 2} == {"F16"}
 
-    metadata = sft.export_gguf.read_gguf_metadata(exported / "model-f16.gguf")
     template = metadata["tokenizer.chat_template"]
     assert template == strip_generation_markers(tokenizer.chat_template) and "generation" not in template
     tokens = metadata["tokenizer.ggml.tokens"]
@@ -189,6 +190,7 @@ def test_modelfile_template_renders_conversations_as_the_runs_chat_template(expo
     fields = modelfile_fields(exported / "Modelfile")
     assert fields["FROM"] == "./model-f16.gguf" and fields["SYSTEM"] == SYSTEM_PROMPT
     assert tokenizer.eos_token in fields["stops"] and "[INST]" in fields["stops"]
+    assert all(stop == tokenizer.eos_token or stop in tokenizer.chat_template for stop in fields["stops"])
     conversations = [*CONTEXTS, [{"role": "system", "content": SYSTEM_PROMPT}, *CONTEXTS[1]]]
     # Ollama passes the system prompt both as `.System` and as a leading system message.
     data = [
@@ -210,7 +212,7 @@ def test_bad_inputs_end_with_one_error_line_and_leave_nothing(exported, converte
         (["--model_path", str(broken), "--quantization", "q4_k_m"], "quantize the f16 file with llama.cpp's"),
         (["--model_path", str(broken), "--output_dir", str(exported)], "exists and is not empty"),
         (["--model_path", str(broken), "--output_dir", str(tmp_path / "out")], "llama.cpp's converter failed"),
-        (["--model_path", str(broken), "--nope", "1"], "--nope"),
+        (["--model_path", str(broken), "--nope", "1"], "unknown option `--nope`"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             sft.export_gguf.main(argv)

@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_command
+from helpers import run_command
 from transformers import AutoModelForCausalLM
 
 import sft.merge
-from sft.inference import encode_prompt, load_model, load_tokenizer, read_run, render_prompt
+from sft.inference import encode_prompt, load_model, read_run, render_prompt
 
 # Merged weights W + (alpha/r)·B·A in float32 against the unmerged W·x + (alpha/r)·B·(A·x): the two differ only by
 # float32 rounding, measured at about 4e-6 on logits of magnitude ~10 for the smoke model. 1e-4 leaves a wide margin
@@ -51,7 +51,7 @@ def test_merged_folder_is_a_standalone_safetensors_model(merged):
 
 def test_merged_logits_match_base_plus_adapter(smoke_run, merged):
     run = read_run(str(smoke_run))
-    tokenizer = load_tokenizer(run)
+    tokenizer = run.load_tokenizer()
     tokenizer.padding_side = "left"
     prompts = [render_prompt(tokenizer, context) for context in CONTEXTS]
     batch = encode_prompt(tokenizer, prompts, padding=True, return_tensors="pt")

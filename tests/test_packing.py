@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SMOKE_RECIPE
+from helpers import SMOKE_RECIPE
 
 from sft import model as model_module
 from sft.config import parse_recipe

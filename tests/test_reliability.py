@@ -6,7 +6,7 @@ import signal
 import sys
 
 import pytest
-from conftest import run_command, start_command, wait_for
+from helpers import run_command, start_command, wait_for
 from safetensors import safe_open
 
 from sft.checkpoints import checkpoint_to_resume, latest_complete_checkpoint

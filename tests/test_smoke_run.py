@@ -3,7 +3,7 @@
 import json
 
 import yaml
-from conftest import LAUNCH, run_command
+from helpers import LAUNCH, run_command
 from safetensors import safe_open
 
 SUMMARY_KEYS = {

@@ -1,17 +1,19 @@
-"""The Llama-2 training template: same text as Meta's template, one <s> per turn, loss on replies only."""
+"""The Llama-2 training template: same text as Meta's format, one <s> per turn, loss on replies only."""
 
 import itertools
 import json
+from pathlib import Path
 
 import jinja2
 import pytest
-from conftest import SMOKE_RECIPE
 from datasets import Dataset, DatasetDict
+from helpers import SMOKE_RECIPE
 from transformers import AutoTokenizer
 
 from sft.config import parse_recipe
 from sft.data import dialogue_to_samples, normalize_utterance
 from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers, training_chat_template
+from sft.tiny import SAMPLE_DATA
 from sft.train import build_trainer
 
 SYSTEM = "你是一个友好的聊天伙伴，请用自然的中文回答。"
@@ -32,16 +34,41 @@ HANDWRITTEN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def conversations(toy_data):
-    """Handwritten cases plus real LCCC dialogues of one to three turns, with and without a system prompt."""
-    dialogues = json.loads(toy_data.read_text(encoding="utf-8"))["train"][:30]
+def lccc_conversations(path: Path, count: int = 30) -> list[list[dict]]:
+    """Real LCCC-format dialogues of one to three turns, every other one with a system prompt."""
+    dialogues = json.loads(path.read_text(encoding="utf-8"))["train"][:count]
     real = []
     for i, dialogue in enumerate(dialogues):
         utterances = [normalize_utterance(u) for u in dialogue]
         real += [s["messages"] for s in dialogue_to_samples(utterances, 3, SYSTEM if i % 2 else None)]
     assert {sum(m["role"] == "assistant" for m in c) for c in real} >= {1, 2}
-    return HANDWRITTEN + real
+    return real
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    """Handwritten cases plus dialogues of the LCCC sample shipped with the project."""
+    return HANDWRITTEN + lccc_conversations(SAMPLE_DATA)
+
+
+def meta_llama2_prompt(messages: list[dict], bos: str = "<s>", eos: str = "</s>") -> str:
+    """Llama-2-chat's prompt format as Meta publishes it (llama repo, `Llama.chat_completion`), written out apart
+    from any Jinja template: the system prompt goes inside the first user turn between `<<SYS>>` lines; each user
+    turn is `<s>[INST] {user} [/INST]` and each reply ` {reply} </s>`, contents stripped; roles must alternate."""
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    text = ""
+    for i, message in enumerate(messages):
+        assert message["role"] == ("user" if i % 2 == 0 else "assistant"), "roles must alternate"
+        content = message["content"]
+        if i == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        if message["role"] == "user":
+            text += f"{bos}[INST] {content.strip()} [/INST]"
+        else:
+            text += f" {content.strip()} {eos}"
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +86,29 @@ def render(template: str, messages, **tokens) -> str:
     return env.from_string(template).render(messages=messages, bos_token="<s>", eos_token="</s>", **tokens)
 
 
-def test_training_template_renders_exactly_like_the_official_one(conversations, reference_template):
+def test_training_template_renders_exactly_metas_format(conversations):
     ours = strip_generation_markers(LLAMA2_TRAINING_TEMPLATE)
     assert "generation" not in ours
     for messages in conversations:
+        assert render(ours, messages) == meta_llama2_prompt(messages)
+
+
+def test_transformers_renders_our_template_in_metas_format(conversations, tokenizer):
+    for messages in conversations:
+        ours = tokenizer.apply_chat_template(messages, chat_template=LLAMA2_TRAINING_TEMPLATE, tokenize=False)
+        assert ours == meta_llama2_prompt(messages)
+
+
+def test_the_official_template_file_renders_metas_format_too(toy_data, reference_template):
+    """Extra, where ../shared is at hand: the template Meta ships agrees on the real LCCC toy data as well."""
+    for messages in HANDWRITTEN + lccc_conversations(toy_data):
+        assert render(reference_template, messages) == meta_llama2_prompt(messages)
+        ours = strip_generation_markers(LLAMA2_TRAINING_TEMPLATE)
         assert render(ours, messages) == render(reference_template, messages)
 
 
-def test_transformers_renders_our_template_like_the_reference(conversations, reference_template, tokenizer):
-    for messages in conversations:
-        ours = tokenizer.apply_chat_template(messages, chat_template=LLAMA2_TRAINING_TEMPLATE, tokenize=False)
-        assert ours == render(reference_template, messages)
-
-
-def test_llama2_templates_are_swapped_for_the_training_template(tokenizer, reference_template):
-    tokenizer.chat_template = reference_template
+def test_llama2_templates_are_swapped_for_the_training_template(tokenizer):
+    tokenizer.chat_template = strip_generation_markers(LLAMA2_TRAINING_TEMPLATE)
     assert training_chat_template(tokenizer) == LLAMA2_TRAINING_TEMPLATE
 
 

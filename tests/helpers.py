@@ -1,0 +1,44 @@
+"""Test helpers shared by the test modules: paths, and running the project's commands as a user would."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+TINY_MODEL = ROOT / "build" / "tiny-llama"
+SMOKE_RECIPE = ROOT / "recipes" / "smoke.yaml"
+BIN = Path(sys.executable).parent
+LAUNCH = ["accelerate", "launch", "--quiet", "--config_file", "accelerate_configs/single_gpu.yaml", "sft/run.py"]
+
+
+def command_env(env: dict | None = None) -> dict:
+    """This process's environment with this virtualenv's tools first on PATH, plus `env`."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+
+
+def run_command(
+    args: list[str], env: dict | None = None, timeout: int = 600, input: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command from the repository root and wait for it; `input` is its standard input (else none)."""
+    stdin = None if input is not None else subprocess.DEVNULL
+    return subprocess.run(
+        args, cwd=ROOT, env=command_env(env), capture_output=True, text=True, timeout=timeout, input=input, stdin=stdin
+    )
+
+
+def start_command(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a command from the repository root in the background, its output going to `log_path`."""
+    log = open(log_path, "w")  # noqa: SIM115 - the child holds it until it exits
+    return subprocess.Popen(args, cwd=ROOT, env=command_env(env), stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll `condition` while `process` runs; fail if it ends or the time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the awaited moment"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
