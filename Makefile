@@ -82,7 +82,7 @@ export-gguf: export-setup $(MODEL_DEPS)
 export-setup: $(VENV)/.export-installed $(CONVERTER)
 
 $(VENV)/.export-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[dev,export]"
+	$(PY) -m pip install --quiet -e ".[export]"
 	touch $@
 
 $(CONVERTER): | $(VENV)/.installed
