@@ -18,17 +18,36 @@ from sft.errors import UserError
 
 @dataclass
 class DataArguments:
-    """Where the dialogues come from, how they are cleaned and how they become chat samples (see sft/data.py)."""
+    """Where the dialogues come from, how they are cleaned and how they become chat samples (see sft/data/)."""
 
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "A Hub dataset id (thu-coai/lccc) or a local file: LCCC JSON, JSON list, JSONL, tab-separated "
-            ".txt/.tsv or .parquet, optionally .gz-compressed."
+            "help": "A Hub dataset id (thu-coai/lccc; lccc-base and lccc name its base and large configs) or a "
+            "local file: LCCC JSON, JSON list, JSONL, tab-separated .txt/.tsv or .parquet, optionally .gz-compressed."
         },
     )
     dataset_config: str | None = field(
         default=None, metadata={"help": "Hub dataset config: `base` (the default for LCCC) or `large`."}
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Format of the records: dialogue (LCCC utterance lists), messages, alpaca or sharegpt; "
+            "auto: judged from the first record's fields.",
+            "choices": ["auto", "dialogue", "messages", "alpaca", "sharegpt"],
+        },
+    )
+    dataset_split: str | None = field(
+        default=None,
+        metadata={"help": "Read only this split of the source, and carve validation/test from it."},
+    )
+    datasets: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "Several sources to mix instead of one dataset_name, in a recipe: a list of {path, name, split, "
+            "format, weight or samples, label, and any data argument for that source} (see the README)."
+        },
     )
     dialogue_column: str | None = field(
         default=None,
@@ -83,6 +102,8 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        if self.datasets and self.dataset_name:
+            raise ValueError("give either dataset_name or datasets (a mixture), not both")
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be at least 1, got {self.max_turns}")
         if self.sample_format not in ("multi_turn", "per_turn"):

@@ -326,10 +326,11 @@ def row_messages(row: dict) -> tuple[list[dict], bool]:
     raise UserError(f"cannot evaluate samples with the fields {sorted(row)}: expected chat `messages`")
 
 
-def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str]:
-    """The held-out split as the data step prepares it: message lists, last-reply-only flag, data name."""
+def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str, dict]:
+    """The held-out split as the data step prepares it: message lists, last-reply-only flag, data name, and a
+    mixture's message lists per source."""
     from sft.config import DataArguments
-    from sft.data import load_conversations
+    from sft.data import held_out_by_source, load_conversations
     from sft.inference import resolve_local
 
     data = run.data
@@ -347,14 +348,16 @@ def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str]:
     conversations = [messages for messages, _ in rows if messages and messages[-1]["role"] == "assistant"]
     if not conversations:
         raise UserError(f"the `{args.split}` split of {data.dataset_name} holds no replies to evaluate on")
-    return conversations, rows[0][1], data.dataset_name
+    by_source = held_out_by_source(splits, args.split) or {}
+    by_source = {label: [row_messages(row)[0] for row in ds] for label, ds in by_source.items() if len(ds)}
+    return conversations, rows[0][1], data.dataset_name or "the mixture", by_source
 
 
 def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: GenerationArguments) -> dict:
     run = read_run(where.model_path, where.base_model)
     if args.compare_base and not run.base_model:
         raise UserError(f"--compare_base: {where.model_path} does not say which base it came from; give --base_model")
-    conversations, last_reply_only, dataset_name = held_out_conversations(run, args)
+    conversations, last_reply_only, dataset_name, by_source = held_out_conversations(run, args)
     ppl_conversations = conversations[: args.max_ppl_samples]
     generated = conversations[: args.num_samples]
     contexts = [messages[:-1] for messages in generated]
@@ -384,6 +387,13 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
     tuned = evaluate_model(
         model, tokenizer, ppl_conversations, contexts, references, settings, generation, "fine-tuned"
     )
+    if by_source:  # a mixture: each source's replies on their own
+        tuned["metrics"]["perplexity_by_source"] = {
+            label: reply_perplexity(
+                model, tokenizer, source[: args.max_ppl_samples], run.max_length, args.batch_size, last_reply_only
+            )["perplexity"]
+            for label, source in by_source.items()
+        }
     base = None
     if args.compare_base:
         if run.is_adapter:

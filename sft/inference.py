@@ -130,9 +130,11 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
         raise UserError(f"{model_path}/adapter_config.json names no base model; give it with --base_model")
 
     data = None
-    if recipe.get("dataset_name"):
+    if recipe.get("dataset_name") or recipe.get("datasets"):
         data = recipe_part(DataArguments, recipe, recipe_path)
         data.dataset_name = resolve_local(data.dataset_name)
+        for source in data.datasets or []:  # a mixture's sources
+            source["path"] = resolve_local(source["path"])
     model_values = {**recipe, "model_name_or_path": resolve_local(base_model) if base_model else str(path)}
     model_args = recipe_part(ModelConfig, model_values, recipe_path)
     return Run(

@@ -20,6 +20,7 @@ from trl import SFTTrainer, get_peft_config
 
 from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
 from sft.config import Recipe, save_resolved_recipe
+from sft.data import held_out_by_source
 from sft.errors import UserError
 from sft.model import keep_packed_sequences_apart, load_tokenizer, model_init_kwargs, quantization_config
 
@@ -104,7 +105,8 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
             model=recipe.model.model_name_or_path,
             args=args,
             train_dataset=datasets["train"],
-            eval_dataset=datasets["validation"] if evaluating else None,
+            # a mixture is evaluated per source: eval_<label>_loss for each
+            eval_dataset=(held_out_by_source(datasets, "validation") or datasets["validation"]) if evaluating else None,
             processing_class=tokenizer,
             quantization_config=quantization_config(recipe.model),
             peft_config=get_peft_config(recipe.model),

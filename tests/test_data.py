@@ -11,20 +11,22 @@ import pytest
 from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetNotFoundError
 from helpers import run_command
+from transformers import AutoTokenizer
 
-from sft import data
 from sft.config import DataArguments
 from sft.data import (
-    clean_utterances,
-    dialogue_samples,
-    dialogue_to_samples,
     load_conversations,
     load_prepared,
-    main,
+    multi_turn_samples,
     normalize_utterance,
     per_turn_samples,
+    pipeline,
     prepared_folder,
+    sources,
 )
+from sft.data.__main__ import main
+from sft.data.clean import clean_utterances
+from sft.data.conversations import dialogue_samples
 from sft.errors import UserError
 
 
@@ -35,7 +37,7 @@ def make_dialogues(count: int = 30) -> list[list[str]]:
 
 def expected_samples(dialogues, max_turns: int = 3) -> list[str]:
     clean = [[normalize_utterance(u) for u in d] for d in dialogues]
-    return sorted(json.dumps(s, ensure_ascii=False) for d in clean for s in dialogue_to_samples(d, max_turns))
+    return sorted(json.dumps(s, ensure_ascii=False) for d in clean for s in multi_turn_samples(d, max_turns))
 
 
 def all_samples(datasets: DatasetDict) -> list[str]:
@@ -110,7 +112,7 @@ def test_a_dialogue_is_cut_at_its_first_empty_or_overlong_utterance():
 
 def test_long_dialogues_become_windows_with_every_reply_a_target_once():
     utterances = [f"u{i}" for i in range(7)]
-    samples = dialogue_to_samples(utterances, max_turns=2, system_prompt="sys")
+    samples = multi_turn_samples(utterances, max_turns=2, system_prompt="sys")
     windows = [[m["content"] for m in s["messages"]] for s in samples]
     assert windows == [["sys", "u0", "u1", "u2", "u3"], ["sys", "u4", "u5"]]
     assert [m["role"] for m in samples[0]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
@@ -197,17 +199,31 @@ def lccc_hub(dialogues) -> DatasetDict:
 
 def test_lccc_from_the_hub_uses_its_parquet_conversion(tmp_path):
     dialogues = make_dialogues()
-    with mock.patch.object(data, "load_dataset", return_value=lccc_hub(dialogues)) as load:
+    with mock.patch.object(sources, "load_dataset", return_value=lccc_hub(dialogues)) as load:
         datasets, stats = prepare(tmp_path, "thu-coai/lccc", dataset_config="large")
     load.assert_called_once_with("thu-coai/lccc", data_dir="large", revision="refs/convert/parquet")
     assert stats["source_kind"] == "hub" and stats["dialogues"] == {"train": 20, "validation": 5, "test": 5}
     assert all_samples(datasets) == expected_samples(dialogues)
 
 
+@pytest.mark.parametrize(("name", "config"), [("lccc-base", "base"), ("lccc", "large"), ("lccc-large", "large")])
+def test_the_original_projects_names_are_the_hubs_lccc(tmp_path, name, config):
+    dialogues = make_dialogues()
+    with mock.patch.object(sources, "load_dataset", return_value=lccc_hub(dialogues)) as load:
+        _, stats = prepare(tmp_path, name)
+    load.assert_called_once_with("thu-coai/lccc", data_dir=config, revision="refs/convert/parquet")
+    assert stats["dataset_name"] == "thu-coai/lccc" and stats["arguments"]["dataset_config"] == config
+
+
+def test_an_lccc_name_with_another_config_is_refused(tmp_path):
+    with pytest.raises(UserError, match="lccc-base is LCCC-base: dataset_config cannot be large"):
+        prepare(tmp_path, "lccc-base", dataset_config="large")
+
+
 def test_any_hub_dataset_with_a_dialogue_column(tmp_path):
     dialogues = make_dialogues()
     loaded = DatasetDict({"train": Dataset.from_dict({"turns": dialogues, "topic": ["x"] * len(dialogues)})})
-    with mock.patch.object(data, "load_dataset", return_value=loaded) as load:
+    with mock.patch.object(sources, "load_dataset", return_value=loaded) as load:
         datasets, _ = prepare(tmp_path, "someone/chats", dataset_config="zh", dialogue_column="turns")
     load.assert_called_once_with("someone/chats", name="zh")
     assert all_samples(datasets) == expected_samples(dialogues)
@@ -215,7 +231,7 @@ def test_any_hub_dataset_with_a_dialogue_column(tmp_path):
 
 def test_hub_errors_are_one_clear_message(tmp_path):
     missing = DatasetNotFoundError("Dataset 'someone/nothing' doesn't exist on the Hub or cannot be accessed.")
-    with mock.patch.object(data, "load_dataset", side_effect=missing), pytest.raises(UserError) as err:
+    with mock.patch.object(sources, "load_dataset", side_effect=missing), pytest.raises(UserError) as err:
         prepare(tmp_path, "someone/nothing")
     assert str(err.value) == f"could not load someone/nothing from the Hub: {missing}"
 
@@ -304,7 +320,7 @@ def test_prepared_data_is_reused_until_an_argument_or_the_source_changes(tmp_pat
     path = write_text(tmp_path / "d.jsonl", jsonl(make_dialogues()))
     args = DataArguments(dataset_name=str(path), processed_dir=str(tmp_path / "processed"))
     first = load_conversations(args, seed=42)
-    with mock.patch.object(data, "read_source", side_effect=AssertionError("prepared again")):
+    with mock.patch.object(pipeline, "read_source", side_effect=AssertionError("prepared again")):
         assert load_conversations(args, seed=42)["train"][:] == first["train"][:]
         args.num_proc = 2  # how, not what: the same data
         load_conversations(args, seed=42)
@@ -401,6 +417,10 @@ def test_the_cli_prepares_a_recipe_and_writes_stats(tmp_path, tiny_model):
     tokens = stats["tokens"]["train"]
     assert tokens["samples_measured"] == stats["samples"]["train"]
     assert tokens["p50"] <= tokens["p95"] <= tokens["max"] and 0 <= tokens["truncated_share"] <= 1
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [m["content"] for row in load_prepared(next(out.glob("*/"))).get("train") for m in row["messages"]]
+    spelled = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    assert tokens["characters_per_token"] == round(sum(map(len, texts)) / spelled, 3)
     assert "statistics in" in result.stderr
 
 

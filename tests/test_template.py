@@ -11,7 +11,7 @@ from helpers import SMOKE_RECIPE
 from transformers import AutoTokenizer
 
 from sft.config import parse_recipe
-from sft.data import dialogue_to_samples, normalize_utterance
+from sft.data import multi_turn_samples, normalize_utterance
 from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers, training_chat_template
 from sft.tiny import SAMPLE_DATA
 from sft.train import build_trainer
@@ -40,7 +40,7 @@ def lccc_conversations(path: Path, count: int = 30) -> list[list[dict]]:
     real = []
     for i, dialogue in enumerate(dialogues):
         utterances = [normalize_utterance(u) for u in dialogue]
-        real += [s["messages"] for s in dialogue_to_samples(utterances, 3, SYSTEM if i % 2 else None)]
+        real += [s["messages"] for s in multi_turn_samples(utterances, 3, SYSTEM if i % 2 else None)]
     assert {sum(m["role"] == "assistant" for m in c) for c in real} >= {1, 2}
     return real
 
