@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from sft.cli import parse_arguments
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 from sft.inference import ROOT, quiet_library_noise, read_run
 from sft.merge import MergeArguments, check_output_dir, merge
-from sft.template import strip_generation_markers
+from sft.template import is_llama2_chat_template, strip_generation_markers
 
 logger = logging.getLogger(__name__)
 EXPORT_INFO = "export_info.json"
@@ -46,7 +47,7 @@ class OllamaFormat:
     """
 
     family: str
-    marker: str  # text that only this family's Jinja chat template contains
+    matches: Callable[[str], bool]  # whether a Jinja chat template is of this family
     template: str
     stops: tuple[str, ...]
 
@@ -54,7 +55,7 @@ class OllamaFormat:
 OLLAMA_FORMATS = (
     OllamaFormat(
         family="llama-2",
-        marker="[INST]",
+        matches=is_llama2_chat_template,
         template=(
             '{{- $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}{{ if not $first }}<s>{{ end }}'
             "[INST] {{ if and $first $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}{{ .Content }} [/INST]"
@@ -105,7 +106,7 @@ def check_converter(converter: str) -> Path:
 
 def ollama_format(chat_template: str) -> OllamaFormat:
     for fmt in OLLAMA_FORMATS:
-        if fmt.marker in chat_template:
+        if fmt.matches(chat_template):
             return fmt
     families = ", ".join(fmt.family for fmt in OLLAMA_FORMATS)
     raise UserError(f"no Ollama template for this run's chat template (known: {families}); add it to OLLAMA_FORMATS")

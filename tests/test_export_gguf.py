@@ -12,6 +12,7 @@ from helpers import BIN, run_command
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sft.export_gguf
+from sft.errors import UserError
 from sft.inference import encode_prompt, load_model, read_run, render_prompt
 from sft.template import strip_generation_markers
 
@@ -221,3 +222,9 @@ def test_bad_inputs_end_with_one_error_line_and_leave_nothing(exported, converte
         assert message in err[-1] and err[-1].startswith("error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-model", "empty"]  # no output, no staging folder
     assert sorted(p.name for p in exported.iterdir()) == before
+
+
+def test_a_chat_format_without_an_ollama_template_is_refused_before_any_work():
+    chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    with pytest.raises(UserError, match="no Ollama template for this run's chat template"):
+        sft.export_gguf.ollama_format(chatml)
