@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 RECIPE ?= recipes/smoke.yaml
 ARGS ?=
 ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
-TINY_MODEL := build/tiny-llama
+# The smoke models, one per family (sft/tiny.py): Llama-2, Qwen2.5 and Llama-3 lookalikes.
+TINY_MODELS := build/tiny-llama/config.json build/tiny-qwen2_5/config.json build/tiny-llama3/config.json
 MODEL_PATH ?= output/smoke
 MERGED_DIR ?= $(MODEL_PATH)-merged
 SMOKE_OUTPUT := output/smoke
@@ -19,21 +20,24 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft data tiny-model eval chat merge export-gguf export-setup test lint clean bench-data bench bench-gpu
+.PHONY: help venv sft plan data tiny-model eval chat serve merge export-gguf export-setup test lint clean bench-data bench bench-gpu gpu-check
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
+	@echo "make plan [RECIPE=...] [ACCELERATE_CONFIG=...]                  what a run would decide, without loading or writing"
 	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
 	@echo "make chat [MODEL_PATH=output/smoke]                             chat with it in the terminal"
+	@echo "make serve [MODEL_PATH=output/smoke] [ARGS='--port 8000']     OpenAI-compatible API + chat page on 127.0.0.1"
 	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]           merge the adapter into a standalone model"
 	@echo "make export-gguf [MODEL_PATH=output/smoke] [GGUF_DIR=...] [ARGS='--quantization q8_0']  GGUF + Ollama Modelfile"
 	@echo "make test                                                       run the test suite"
 	@echo "make lint                                                       ruff"
-	@echo "make tiny-model                                                 build the smoke run's tiny model"
+	@echo "make tiny-model                                                 build the smoke runs' tiny models"
 	@echo "make bench-data [ARGS='--dialogues 1000000']                    time data preparation on synthetic LCCC"
 	@echo "make bench [ARGS='--repeats 3']                                 CPU speed: our launcher vs TRL's trl sft"
 	@echo "make bench-gpu [ARGS='--variants sdpa,fa2']                     QLoRA speed of a Llama-2-7B shape on one GPU"
+	@echo "make gpu-check                                                  check a GPU machine end to end (one JSON)"
 
 venv: $(VENV)/.installed
 
@@ -43,27 +47,33 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-tiny-model: $(TINY_MODEL)/config.json
+tiny-model: $(TINY_MODELS)
 
-$(TINY_MODEL)/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample.json
-	$(PY) -m sft.tiny --output_dir $(TINY_MODEL)
+build/tiny-%/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample.json
+	$(PY) -m sft.tiny --family $* --output_dir build/tiny-$*
 
-sft: $(VENV)/.installed $(TINY_MODEL)/config.json
+sft: $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config $(RECIPE) $(ARGS)
 
-data: $(VENV)/.installed $(TINY_MODEL)/config.json
+plan: $(VENV)/.installed $(TINY_MODELS)
+	$(LAUNCH) --config $(RECIPE) --dry_run true $(ARGS)
+
+data: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m sft.data --config $(RECIPE) $(ARGS)
 
 bench-data: $(VENV)/.installed
 	$(PY) benchmarks/bench_data.py $(ARGS)
 
-bench: $(VENV)/.installed $(TINY_MODEL)/config.json
+bench: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) benchmarks/bench_speed.py $(ARGS)
 
 bench-gpu: $(VENV)/.installed
 	$(PY) benchmarks/bench_gpu.py $(ARGS)
 
-$(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODEL)/config.json
+gpu-check: $(VENV)/.installed $(TINY_MODELS)
+	$(PY) benchmarks/gpu_check.py $(ARGS)
+
+$(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config recipes/smoke.yaml
 
 eval: $(VENV)/.installed $(MODEL_DEPS)
@@ -71,6 +81,9 @@ eval: $(VENV)/.installed $(MODEL_DEPS)
 
 chat: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft.chat --model_path $(MODEL_PATH) $(ARGS)
+
+serve: $(VENV)/.installed $(MODEL_DEPS)
+	$(PY) -m sft.serve --model_path $(MODEL_PATH) $(ARGS)
 
 merge: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft.merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
@@ -94,7 +107,7 @@ $(CONVERTER): | $(VENV)/.installed
 	mv $(LLAMA_CPP).download/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(LLAMA_CPP)
 	rm -rf $(LLAMA_CPP).download
 
-test: $(VENV)/.installed $(TINY_MODEL)/config.json export-setup
+test: $(VENV)/.installed $(TINY_MODELS) export-setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

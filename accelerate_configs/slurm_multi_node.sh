@@ -32,11 +32,19 @@ NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 # On SIGTERM torchrun passes the signal on and kills the workers after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
 # (30 by default): leave them the time SLURM gives (--signal=TERM@120) to finish the step and save a checkpoint.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
+# Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: pass it on, or each node's launcher and its
+# data loader workers get one CPU.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+fi
 
 cd "${SLURM_SUBMIT_DIR:-.}"
 echo "nodes: $SLURM_JOB_NODELIST; main process: $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT; $NUM_PROCESSES processes"
 
 # SLURM_NODEID differs per node, so it is expanded inside each task (single quotes), not here.
+# --kill-on-bad-exit: a node whose launcher fails ends the job at once instead of leaving the others waiting on a
+# collective until NCCL's timeout. After SIGTERM a launcher may exit non-zero; the training processes pass a
+# barrier after rank 0 has written the checkpoint (sft/train.py), so no launcher exits while it is being written.
 export RECIPE ACCELERATE_CONFIG VENV MAIN_PROCESS_IP MAIN_PROCESS_PORT NUM_PROCESSES
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
     exec "$VENV/bin/accelerate" launch --config_file "$ACCELERATE_CONFIG" \

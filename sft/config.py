@@ -122,18 +122,22 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
-    """What to do with an output folder that already holds a run."""
+    """What to do with an output folder that already holds a run, or whether to only show the plan."""
 
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start from scratch: delete an earlier run's checkpoints and outputs in output_dir."},
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Print what the run would decide (precision, attention, placement, steps) and stop."},
     )
 
 
 RECIPE_DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments)
 SECRET_KEYS = {"hub_token"}
 # How to start, not what to train: left out of recipe.yaml so a rerun with or without them still resumes.
-RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint"}
+RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint", "dry_run"}
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, next to what a run trained
 # Values no run can use: (part of the recipe, key, check, what is needed).
 VALUE_RULES = [

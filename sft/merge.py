@@ -96,7 +96,7 @@ def check_output_dir(output_dir: Path, model_path: Path, overwrite: bool, marker
 def merge(model_path: str, output_dir: str, dtype=None, device=None, base_model=None, overwrite=False) -> dict:
     from peft import PeftModel
 
-    from sft.template import strip_generation_markers
+    from sft.template import inference_chat_template
 
     run = read_run(model_path, base_model)
     if not run.is_adapter:
@@ -131,7 +131,7 @@ def merge(model_path: str, output_dir: str, dtype=None, device=None, base_model=
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
-    tokenizer.chat_template = strip_generation_markers(tokenizer.chat_template)
+    tokenizer.chat_template = inference_chat_template(tokenizer.chat_template)
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out)
     for name in COPIED_FILES:

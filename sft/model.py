@@ -1,25 +1,18 @@
 """The base model and tokenizer: where they come from and how they are loaded (4-bit NF4 + LoRA via TRL)."""
 
-import dataclasses
 import logging
 from pathlib import Path
 
-import torch
-from accelerate import PartialState
-from accelerate.utils import DistributedType
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from transformers import AutoTokenizer
-from transformers.utils import is_flash_attn_2_available
-from trl import ModelConfig, SFTConfig, get_quantization_config
+from trl import ModelConfig, SFTConfig
 
 from sft.errors import UserError
 from sft.template import training_chat_template
 
 logger = logging.getLogger(__name__)
-TINY_MODEL_DIR = "build/tiny-llama"  # where `make tiny-model` builds the smoke model
-# Attention backends that keep the sequences of a padding-free pack apart (via position_ids / cu_seq_lens).
-PACKING_SAFE_ATTENTION = {"flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager"}
-PACKING_SAFE_STRATEGIES = {"bfd", "bfd_split"}
+# where `make tiny-model` builds the smoke models, by family (`python -m sft.tiny --family ...`)
+TINY_MODEL_DIRS = {"llama": "build/tiny-llama", "qwen2_5": "build/tiny-qwen2_5", "llama3": "build/tiny-llama3"}
 
 
 def check_model_source(name: str | None) -> None:
@@ -30,7 +23,7 @@ def check_model_source(name: str | None) -> None:
     if path.is_dir():
         return
     meant_local = name.startswith((".", "/", "~")) or path.exists() or Path(path.parts[0]).is_dir()
-    if name == TINY_MODEL_DIR:
+    if name in TINY_MODEL_DIRS.values():
         raise UserError(f"the smoke model {name} is not built yet: run `make tiny-model` (or `make sft`)")
     if meant_local or name.count("/") != 1:
         raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`")
@@ -76,58 +69,29 @@ def load_tokenizer(
     return tokenizer
 
 
-def attention_implementation(requested: str | None) -> str:
-    """The recipe's choice, else FlashAttention-2 where installed on an Ampere-or-newer GPU, else SDPA."""
-    if requested:
-        return requested
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8 and is_flash_attn_2_available():
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def shards_weights() -> bool:
-    """FSDP and DeepSpeed ZeRO split the weights across processes: they place the model themselves."""
-    return PartialState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
 def model_init_kwargs(model_args: ModelConfig, training_args: SFTConfig) -> dict:
-    """`from_pretrained` arguments for SFTTrainer, recipe's `model_init_kwargs` winning.
-
-    Placement follows TRL: the whole model on the one GPU of a single process, no device map under DDP (the
-    trainer puts one full copy on each process's GPU) nor under FSDP/ZeRO-3, which shard it themselves.
-    """
+    """`from_pretrained` arguments for SFTTrainer, as sft/plan.py decided them, recipe's `model_init_kwargs` winning."""
     if training_args.trust_remote_code:
         logger.warning("trust_remote_code is ON: code from the model repository will run on this machine")
     kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": attention_implementation(model_args.attn_implementation),
+        "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
     }
-    if shards_weights():
-        kwargs["device_map"] = None
     kwargs.update(training_args.model_init_kwargs or {})
     return kwargs
 
 
-def quantization_config(model_args: ModelConfig):
-    """TRL's BitsAndBytesConfig; FSDP/ZeRO-3 shard 4-bit weights only when stored in the compute dtype."""
-    if model_args.load_in_4bit and shards_weights() and model_args.bnb_4bit_quant_storage is None:
-        model_args = dataclasses.replace(model_args, bnb_4bit_quant_storage=model_args.dtype)
-    return get_quantization_config(model_args)
+def keep_4bit_layers_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel during evaluation.
 
+    On a CPU with AVX512-BF16, a `Linear4bit` run in eval mode without gradients repacks its weights for
+    `gemv_4bit` and keeps them so: training after the first evaluation then goes through a kernel with no
+    backward (gradients to earlier layers are silently dropped) and fails outright on layers with a bias (Qwen2).
+    """
+    import bitsandbytes as bnb
 
-def keep_packed_sequences_apart(training_args: SFTConfig, attention: str) -> None:
-    """Allow packing only where packed sequences cannot attend to each other; else group by length instead."""
-    if not training_args.packing:
-        return
-    problem = None
-    if training_args.packing_strategy not in PACKING_SAFE_STRATEGIES:
-        problem = f"packing_strategy {training_args.packing_strategy!r} cuts and joins sequences"
-    elif attention not in PACKING_SAFE_ATTENTION:
-        problem = f"attention {attention!r} is not known to keep packed sequences apart"
-    if problem:
-        logger.warning("packing refused: %s; grouping samples by length instead", problem)
-        training_args.packing = False
-        training_args.padding_free = False
-        training_args.train_sampling_strategy = "group_by_length"
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

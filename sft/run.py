@@ -1,10 +1,14 @@
 """Fine-tune a chat model on LCCC dialogues with QLoRA.
 
 accelerate launch sft/run.py --config recipes/smoke.yaml [--any_training_argument value ...]
+accelerate launch sft/run.py --config recipes/lccc_base.yaml --dry_run true   # the plan only: nothing loaded or written
 """
 
 import logging
+import os
 import sys
+
+import yaml
 
 from sft.config import parse_recipe
 from sft.data import load_conversations
@@ -20,6 +24,13 @@ def main(argv: list[str] | None = None) -> dict:
         level=recipe.training.get_process_log_level(),
     )
     check_model_source(recipe.model.model_name_or_path)
+    if recipe.run.dry_run:
+        from sft.dry_run import dry_run
+
+        plan = dry_run(recipe)
+        if int(os.environ.get("RANK", "0")) == 0:  # one plan per launch, not one per process
+            print(yaml.safe_dump(plan, allow_unicode=True, sort_keys=False), end="")
+        return plan
     datasets = load_conversations(recipe.data, recipe.training.seed)
 
     from sft.train import train  # imports the training stack only once the recipe is known to be good

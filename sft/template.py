@@ -1,21 +1,40 @@
-"""Chat templates for training: Llama-2-chat with `{% generation %}` markers, or the model's own."""
+"""Chat templates for training: the model's own template with `{% generation %}` markers around the replies.
+
+Where TRL bundles a training form of a model's official template it is used, ours only where needed:
+Llama-2-chat (TRL has none), Llama-3.1 (TRL has none) and Qwen2.5 (TRL's also trains the newlines around a reply).
+"""
 
 import re
 from pathlib import Path
 
-from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+from trl.chat_template_utils import (
+    get_training_chat_template,
+    has_generation_markers,
+    llama3_1_chat_template,
+    qwen2_5_chat_template,
+)
 
 from sft.errors import UserError
 
-LLAMA2_TRAINING_TEMPLATE = (Path(__file__).parent / "templates" / "llama2_chat_training.jinja").read_text(
-    encoding="utf-8"
-)
+TEMPLATES = Path(__file__).parent / "templates"
+LLAMA2_TRAINING_TEMPLATE = (TEMPLATES / "llama2_chat_training.jinja").read_text(encoding="utf-8")
+# Official templates, exactly as the models ship them (TRL keeps copies), and our training forms of them.
+OUR_TRAINING_TEMPLATES = {
+    llama3_1_chat_template: (TEMPLATES / "llama3_1_training.jinja").read_text(encoding="utf-8"),
+    qwen2_5_chat_template: (TEMPLATES / "qwen2_5_training.jinja").read_text(encoding="utf-8"),
+}
 _GENERATION_MARKERS = re.compile(r"{%-?\s*(end)?generation\s*-?%}")
 
 
 def strip_generation_markers(template: str) -> str:
     """The inference form of a training template: the same text without `{% generation %}` blocks."""
     return _GENERATION_MARKERS.sub("", template)
+
+
+def inference_chat_template(template: str) -> str:
+    """What a model folder ships for chatting: the official template behind one of ours, else the unmarked text."""
+    official = {training: official for official, training in OUR_TRAINING_TEMPLATES.items()}
+    return official.get(template) or strip_generation_markers(template)
 
 
 def is_llama2_chat_template(template: str) -> bool:
@@ -43,6 +62,8 @@ def training_chat_template(tokenizer, chat_template_path: str | None = None) -> 
         return template
     if is_llama2_chat_template(template):
         return LLAMA2_TRAINING_TEMPLATE
+    if template in OUR_TRAINING_TEMPLATES:
+        return OUR_TRAINING_TEMPLATES[template]
     tokenizer.chat_template = template
     try:
         return get_training_chat_template(tokenizer) or template

@@ -1,8 +1,13 @@
-"""Build the smoke run's model: a tiny random Llama with a Llama-style SentencePiece BPE tokenizer.
+"""Build the smoke runs' models: tiny random Llama-2, Qwen2.5 and Llama-3 lookalikes with real-style tokenizers.
 
-`python -m sft.tiny --output_dir build/tiny-llama` (or `make tiny-model`). The tokenizer is trained on the
-shipped LCCC sample with byte fallback, so `<s>`, `</s>` and `[INST]` behave as with Llama-2; the model is
-a few layers with random weights and a fixed seed. It checks the pipeline; it is no chatbot.
+`python -m sft.tiny --family qwen2_5` (or `make tiny-model`, which builds all three) writes `build/tiny-<family>`:
+- `llama`: a Llama with a SentencePiece BPE tokenizer with byte fallback, `<s>`/`</s>` and Llama-2-chat's template;
+- `qwen2_5`: a Qwen2 model with a byte-level BPE tokenizer (Qwen's pre-tokenizer), Qwen's special tokens
+  (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`) and Qwen2.5's official chat template;
+- `llama3`: a Llama with a byte-level BPE tokenizer (Llama-3's pre-tokenizer), Llama-3.1's special tokens
+  (`<|begin_of_text|>`, `<|start_header_id|>`, `<|eot_id|>`, ...) and Llama-3.1's official chat template.
+Tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights and a fixed seed.
+They check the pipeline; they are no chatbots.
 """
 
 import argparse
@@ -13,32 +18,75 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers.models import BPE
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Tokenizer,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PATTERN
+from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
 
 from sft.data import normalize_utterance
-from sft.model import TINY_MODEL_DIR
+from sft.model import TINY_MODEL_DIRS
 from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
 
 SAMPLE_DATA = Path(__file__).parent / "assets" / "lccc_sample.json"
-DEFAULT_OUTPUT = TINY_MODEL_DIR
+VOCAB_SIZE = 3000
 # Llama-2's special-token ids, and the chat format's markers so that BPE learns pieces for them.
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
-FORMAT_LINES = ["[INST] [/INST]", "<<SYS>>", "<</SYS>>"] * 20
+LLAMA2_FORMAT = ["[INST] [/INST]", "<<SYS>>", "<</SYS>>"]
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_FORMAT = [
+    "system\n",
+    "user\n",
+    "assistant\n",
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+]
+# Llama-3's pre-tokenizer: as Qwen's, but digits in groups of up to three.
+LLAMA3_PATTERN = QWEN_PATTERN.replace(r"\p{N}|", r"\p{N}{1,3}|")
+# Llama-3.1's first eleven special tokens, in their order (ids 128000-128010 in the real vocabulary).
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
+LLAMA3_FORMAT = [
+    "system\n\n",
+    "user\n\n",
+    "assistant\n\n",
+    "Cutting Knowledge Date: December 2023\n",
+    "Today Date: 26 Jul 2024\n\n",
+]
 
 
 def sample_sentences(path: Path = SAMPLE_DATA) -> list[str]:
     splits = json.loads(path.read_text(encoding="utf-8"))
-    return [normalize_utterance(u) for dialogues in splits.values() for d in dialogues for u in d] + FORMAT_LINES
+    return [normalize_utterance(u) for dialogues in splits.values() for d in dialogues for u in d]
 
 
-def train_tokenizer(sentences: list[str], vocab_size: int = 3000) -> LlamaTokenizer:
+def train_sentencepiece_tokenizer(sentences: list[str]) -> LlamaTokenizer:
     """A SentencePiece BPE model with byte fallback, converted to a Llama tokenizer with Llama-2's chat template."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
+        sentence_iterator=iter(sentences + LLAMA2_FORMAT * 20),
         model_writer=model,
         model_type="bpe",
-        vocab_size=vocab_size,
+        vocab_size=VOCAB_SIZE,
         hard_vocab_limit=False,
         byte_fallback=True,
         character_coverage=0.9995,
@@ -55,38 +103,121 @@ def train_tokenizer(sentences: list[str], vocab_size: int = 3000) -> LlamaTokeni
     return tokenizer
 
 
-def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
+def train_byte_level_bpe(sentences: list[str], pattern: str, specials: list[str]) -> Tokenizer:
+    """A GPT-style byte-level BPE (every byte has a token, so any text encodes), specials appended after it."""
+    tokenizer = Tokenizer(BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
-    return LlamaForCausalLM(config)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(sentences, trainer)
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    return tokenizer
 
 
-def build_tiny_llama(output_dir: str = DEFAULT_OUTPUT) -> Path:
-    tokenizer = train_tokenizer(sample_sentences())
-    model = build_model(len(tokenizer))
+def qwen2_5_tokenizer(sentences: list[str]) -> Qwen2Tokenizer:
+    """Qwen2.5-Instruct's tokenizer setup: no BOS, `<|im_end|>` ends a reply, `<|endoftext|>` pads."""
+    trained = json.loads(train_byte_level_bpe(sentences + QWEN_FORMAT * 20, QWEN_PATTERN, QWEN_SPECIALS).to_str())
+    vocab = {**trained["model"]["vocab"], **{t["content"]: t["id"] for t in trained["added_tokens"]}}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[tuple(merge) for merge in trained["model"]["merges"]],
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIALS[1:],
+    )
+    tokenizer.chat_template = qwen2_5_chat_template
+    return tokenizer
+
+
+def llama3_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
+    """Llama-3.1-Instruct's tokenizer setup: `<|begin_of_text|>` added in front, `<|eot_id|>` ends a reply, no pad."""
+    tokenizer = train_byte_level_bpe(sentences + LLAMA3_FORMAT * 20, LLAMA3_PATTERN, LLAMA3_SPECIALS)
+    bos = LLAMA3_SPECIALS[0]
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+            ),
+        ]
+    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token="<|eot_id|>")
+    wrapped.chat_template = llama3_1_chat_template
+    return wrapped
+
+
+def build_model(config_class, model_class, tokenizer, eos_tokens: list[str], seed: int = 0, **config):
+    """A 2-layer model with random weights sized for the tokenizer; generation stops at any of `eos_tokens`."""
+    torch.manual_seed(seed)
+    eos_ids = tokenizer.convert_tokens_to_ids(eos_tokens)
+    model = model_class(
+        config_class(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=1024,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids,
+            tie_word_embeddings=False,
+            initializer_range=0.1,
+            **config,
+        )
+    )
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id
+    )
+    return model
+
+
+def build_tiny_llama(output_dir: str = TINY_MODEL_DIRS["llama"]) -> Path:
+    tokenizer = train_sentencepiece_tokenizer(sample_sentences())
+    model = build_model(LlamaConfig, LlamaForCausalLM, tokenizer, ["</s>"], num_key_value_heads=4)
+    return save(model, tokenizer, output_dir)
+
+
+def build_tiny_qwen2_5(output_dir: str = TINY_MODEL_DIRS["qwen2_5"]) -> Path:
+    tokenizer = qwen2_5_tokenizer(sample_sentences())
+    eos = ["<|im_end|>", "<|endoftext|>"]  # as Qwen2.5-Instruct's generation_config
+    model = build_model(Qwen2Config, Qwen2ForCausalLM, tokenizer, eos, num_key_value_heads=2)
+    return save(model, tokenizer, output_dir)
+
+
+def build_tiny_llama3(output_dir: str = TINY_MODEL_DIRS["llama3"]) -> Path:
+    tokenizer = llama3_tokenizer(sample_sentences())
+    eos = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]  # as Llama-3.1-Instruct's generation_config
+    model = build_model(LlamaConfig, LlamaForCausalLM, tokenizer, eos, num_key_value_heads=2)
+    return save(model, tokenizer, output_dir)
+
+
+def save(model, tokenizer, output_dir: str) -> Path:
     out = Path(output_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
+BUILDERS = {"llama": build_tiny_llama, "qwen2_5": build_tiny_qwen2_5, "llama3": build_tiny_llama3}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT)
-    out = build_tiny_llama(parser.parse_args(argv).output_dir)
-    print(f"tiny Llama model and tokenizer written to {out}")
+    parser.add_argument("--family", choices=sorted(BUILDERS), default="llama")
+    parser.add_argument("--output_dir", help="default: build/tiny-<family>")
+    args = parser.parse_args(argv)
+    out = BUILDERS[args.family](args.output_dir or TINY_MODEL_DIRS[args.family])
+    print(f"tiny {args.family} model and tokenizer written to {out}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 import logging
 import netrc
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -16,13 +15,16 @@ import torch
 from accelerate import PartialState
 from datasets import DatasetDict
 from peft import NoMatchingPeftModuleError
-from trl import SFTTrainer, get_peft_config
+from transformers import TrainerCallback
+from trl import SFTTrainer, get_peft_config, get_quantization_config
 
 from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
 from sft.config import Recipe, save_resolved_recipe
 from sft.data import held_out_by_source
 from sft.errors import UserError
-from sft.model import keep_packed_sequences_apart, load_tokenizer, model_init_kwargs, quantization_config
+from sft.machine import machine_facts, peak_memory
+from sft.model import keep_4bit_layers_differentiable, load_tokenizer, model_init_kwargs
+from sft.plan import decide
 
 logger = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
@@ -33,19 +35,58 @@ class CountingSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # batch slots (padding included), real tokens, tokens that carried loss; kept on the device so that
-        # counting adds no host synchronisation to the step
-        self.token_counts = torch.zeros(3, dtype=torch.long, device=self.accelerator.device)
+        self.batch_slots = 0  # known on the host: counted there, no copy to the device
+        # real tokens and tokens that carried loss; padded batches know them only on the device, so they are summed
+        # there, and read once at the end (no host synchronisation per micro-batch)
+        self.device_counts = torch.zeros(2, dtype=torch.long, device=self.accelerator.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             ids = inputs["input_ids"]
-            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else ids.numel()
-            supervised = (inputs["labels"][..., 1:] != -100).sum()
-            self.token_counts += torch.stack(
-                [torch.as_tensor(n, device=ids.device) for n in (ids.numel(), real, supervised)]
-            )
+            self.batch_slots += ids.numel()
+            self.device_counts[1] += (inputs["labels"][..., 1:] != -100).sum()
+            # padding-free batches have no attention mask: every slot is a real token
+            self.device_counts[0] += inputs["attention_mask"].sum() if "attention_mask" in inputs else ids.numel()
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def gathered_counts(self) -> torch.Tensor:
+        """One row per process: batch slots, real tokens, supervised tokens."""
+        slots = torch.tensor([self.batch_slots], device=self.device_counts.device)
+        return self.accelerator.gather(torch.cat([slots, self.device_counts])[None])
+
+
+class TrainingClock(TrainerCallback):
+    """Seconds spent training: the run's time less evaluation and checkpoint saving (and the logging before them)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_step = time.perf_counter()
+        self.elsewhere = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.last_step = time.perf_counter()
+
+    def _not_training(self):
+        now = time.perf_counter()
+        self.elsewhere += now - self.last_step
+        self.last_step = now
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._not_training()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._not_training()
+
+    def seconds(self) -> float:
+        return self.last_step - self.start - self.elsewhere
+
+
+def keep_lora_weights_in_fp32_under_fp16(trainer: SFTTrainer) -> None:
+    """TRL casts the LoRA weights of a quantized model to bf16, whose gradients fp16's grad scaler cannot unscale:
+    under fp16 mixed precision they train in fp32 (as in PEFT's QLoRA examples for GPUs without bf16)."""
+    if trainer.args.fp16 and getattr(trainer.model, "is_loaded_in_4bit", False):
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
 
 
 def wandb_has_credentials() -> bool:
@@ -77,17 +118,9 @@ def use_wandb_offline_without_login(report_to: list[str], output_dir: str) -> No
     )
 
 
-def peak_memory_mb() -> tuple[float, str]:
-    """Peak accelerator memory when training on CUDA, else the process's peak resident memory."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
-
-
 def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     args = recipe.training
     args.model_init_kwargs = model_init_kwargs(recipe.model, args)
-    keep_packed_sequences_apart(args, args.model_init_kwargs["attn_implementation"])
     tokenizer = load_tokenizer(
         recipe.model.model_name_or_path,
         revision=recipe.model.model_revision,
@@ -101,14 +134,14 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         raise UserError("eval_strategy asks for evaluation but the data has no validation samples (see val_size)")
     args.eval_on_start = args.eval_on_start and evaluating
     try:
-        return CountingSFTTrainer(
+        trainer = CountingSFTTrainer(
             model=recipe.model.model_name_or_path,
             args=args,
             train_dataset=datasets["train"],
             # a mixture is evaluated per source: eval_<label>_loss for each
             eval_dataset=(held_out_by_source(datasets, "validation") or datasets["validation"]) if evaluating else None,
             processing_class=tokenizer,
-            quantization_config=quantization_config(recipe.model),
+            quantization_config=get_quantization_config(recipe.model),
             peft_config=get_peft_config(recipe.model),
         )
     except NoMatchingPeftModuleError:
@@ -116,6 +149,9 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
             f"lora_target_modules {recipe.model.lora_target_modules} name no module of "
             f"{recipe.model.model_name_or_path}; use `all-linear` or names of its linear layers (e.g. q_proj v_proj)"
         ) from None
+    keep_lora_weights_in_fp32_under_fp16(trainer)
+    keep_4bit_layers_differentiable(trainer.model)
+    return trainer
 
 
 def create_output_dir(output_dir: Path) -> None:
@@ -127,10 +163,11 @@ def create_output_dir(output_dir: Path) -> None:
 
 
 def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss: float) -> dict:
+    """What the run did; the runtime and the speeds count training only, not evaluation or checkpoint saving."""
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
-    counts = trainer.accelerator.gather(trainer.token_counts[None])
+    counts = trainer.gathered_counts()
     slots, train_tokens, supervised = counts.sum(dim=0).tolist()
-    memory, memory_kind = peak_memory_mb()
+    memory = peak_memory(trainer.model.device)
     return {
         "train_loss": train_loss,
         "eval_loss": {"first": eval_losses[0], "last": eval_losses[-1], "history": eval_losses}
@@ -146,8 +183,10 @@ def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss:
         "padding_share": round(1 - train_tokens / slots, 4) if slots else 0.0,
         "tokens_per_second": round(train_tokens / train_runtime_s, 2),
         "supervised_tokens_per_second": round(supervised / train_runtime_s, 2),
-        "peak_memory_mb": round(memory, 1),
-        "peak_memory_kind": memory_kind,
+        "peak_memory_mb": round(memory["allocated"] / 2**20, 1),
+        "peak_memory_reserved_mb": round(memory["reserved"] / 2**20, 1),
+        "paged_optimizer_mb": round(memory["paged_optimizer"] / 2**20, 1),
+        "peak_memory_kind": memory["kind"],
         "num_processes": trainer.accelerator.num_processes,
         "versions": {name: version(name) for name in VERSIONED_PACKAGES},
     }
@@ -197,13 +236,14 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         )
     use_wandb_offline_without_login(args.report_to, args.output_dir)
     create_output_dir(output_dir)
+    decide(recipe, machine_facts(args))
     trainer = build_trainer(recipe, datasets)
     if state.is_main_process:
         save_resolved_recipe(recipe, args.output_dir)
 
-    stopper = StopOnSignal()
+    stopper, clock = StopOnSignal(), TrainingClock()
     trainer.add_callback(stopper)
-    start = time.perf_counter()
+    trainer.add_callback(clock)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except torch.OutOfMemoryError:
@@ -211,6 +251,7 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
     finally:
         stopper.restore_handlers()
     if stopper.stopped:
+        state.wait_for_everyone()  # no rank exits (and, under srun --kill-on-bad-exit, ends the job) mid-write
         logger.warning(
             "stopped by %s at step %d with a checkpoint in %s; run the same command again to resume",
             signal.Signals(stopper.received).name if stopper.received else "a signal to another process",
@@ -219,14 +260,17 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         )
         return None
 
-    summary = run_summary(trainer, time.perf_counter() - start, result.training_loss)
+    summary = run_summary(trainer, clock.seconds(), result.training_loss)
     staging = output_dir / ".final-save"
     if state.is_main_process and staging.exists():
         shutil.rmtree(staging)
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final adapter is one ordinary PEFT file
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))
     if state.is_main_process:
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
         publish_final_outputs(staging, output_dir, summary)
         logger.info("run finished: adapter and run_summary.json in %s", output_dir)
+    state.wait_for_everyone()  # every rank exits only after rank 0 has published the results
     trainer.accelerator.end_training()
     return summary

@@ -1,9 +1,11 @@
-"""Shared fixtures: the shared LCCC sample, the tiny smoke model, and one real smoke run."""
+"""Shared fixtures: the shared LCCC sample, the tiny smoke model, one real smoke run and a server on it."""
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import LAUNCH, SHARED, TINY_MODEL, run_command
+from helpers import LAUNCH, SHARED, TINY_MODEL, free_port, run_command, start_command, stop_process, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +18,16 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def toy_data(shared_dir) -> Path:
     return shared_dir / "lccc" / "toy_data.json"
+
+
+@pytest.fixture(params=["shipped", "shared"], scope="session")
+def lccc_file(request) -> Path:
+    """A real LCCC-format file: the sample shipped in sft/assets, and as an extra ../shared's toy data."""
+    if request.param == "shipped":
+        from sft.tiny import SAMPLE_DATA
+
+        return SAMPLE_DATA
+    return request.getfixturevalue("toy_data")
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +68,38 @@ def trained_model(smoke_run):
     from sft.inference import load_model, read_run
 
     return load_model(read_run(str(smoke_run)), device="cpu")
+
+
+@dataclass
+class Server:
+    """A running `python -m sft.serve` on the smoke run: its address, API key, model ids and log file."""
+
+    url: str
+    api_key: str
+    tuned: str
+    base: str
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def server(smoke_run, tmp_path_factory):
+    """`python -m sft.serve` on the smoke run on a free port of 127.0.0.1, with an API key; stopped afterwards."""
+    import httpx
+
+    port, api_key = free_port(), "test-key-1d7f2c"
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = [sys.executable, "-m", "sft.serve", "--model_path", str(smoke_run), "--port", str(port)]
+    process = start_command(command, log, env={"SFT_API_KEY": api_key})
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5).is_success
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(answers, process, timeout=300)
+        yield Server(url=url, api_key=api_key, tuned=smoke_run.name, base=f"{smoke_run.name}-base", log=log)
+    finally:
+        stop_process(process)

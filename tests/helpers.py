@@ -1,6 +1,7 @@
 """Test helpers shared by the test modules: paths, and running the project's commands as a user would."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -42,3 +43,20 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
         assert process.poll() is None, "the run ended before the awaited moment"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)

@@ -302,9 +302,9 @@ def test_workers_give_the_same_result_as_one_process(tmp_path):
     assert [split[:] for split in alone.values()] == [split[:] for split in parallel.values()]
 
 
-def test_real_lccc_sample_end_to_end(tmp_path, toy_data):
-    raw = json.loads(toy_data.read_text(encoding="utf-8"))
-    datasets, stats = prepare(tmp_path, toy_data, system_prompt="你是一个友好的聊天伙伴。", sample_format="per_turn")
+def test_real_lccc_sample_end_to_end(tmp_path, lccc_file):
+    raw = json.loads(lccc_file.read_text(encoding="utf-8"))
+    datasets, stats = prepare(tmp_path, lccc_file, system_prompt="你是一个友好的聊天伙伴。", sample_format="per_turn")
     assert stats["dialogues"] == {"train": len(raw["train"]), "validation": len(raw["valid"]), "test": len(raw["test"])}
     replies = sum(len(d) // 2 for split in raw.values() for d in split)
     assert sum(stats["samples"].values()) == replies  # per_turn: one sample per reply
@@ -424,12 +424,12 @@ def test_the_cli_prepares_a_recipe_and_writes_stats(tmp_path, tiny_model):
     assert "statistics in" in result.stderr
 
 
-def test_multi_turn_needs_fewer_tokens_per_supervised_token(tmp_path, toy_data, tiny_model):
+def test_multi_turn_needs_fewer_tokens_per_supervised_token(tmp_path, lccc_file, tiny_model):
     ratios = {}
     for sample_format in ("multi_turn", "per_turn"):
         folder = main(
             [
-                *("--dataset_name", str(toy_data), "--output_dir", str(tmp_path), "--token_stats_samples", "400"),
+                *("--dataset_name", str(lccc_file), "--output_dir", str(tmp_path), "--token_stats_samples", "400"),
                 *("--model_name_or_path", str(tiny_model), "--sample_format", sample_format, "--max_length", "256"),
             ]
         )

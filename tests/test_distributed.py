@@ -103,6 +103,8 @@ def test_every_launch_config_loads_with_accelerate(name):
         fsdp = config.fsdp_config
         assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_sync_module_states"]
         assert fsdp["fsdp_use_orig_params"] is False  # PEFT's FSDP-QLoRA setting
+        # sharded checkpoints (no full model gathered at each save); FSDP's own activation checkpointing
+        assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and fsdp["fsdp_activation_checkpointing"]
     if config.distributed_type == DistributedType.DEEPSPEED:
         assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_init_flag"]
 
@@ -126,13 +128,14 @@ def test_the_slurm_script_starts_accelerate_on_every_node_with_its_rank(tmp_path
     venv_bin.mkdir(parents=True)
     _stub(bin_dir / "scontrol", "printf 'gpu-node-07\\ngpu-node-08\\n'")
     _stub(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\nfor id in 0 1; do SLURM_NODEID=$id "$@"; done')
-    _stub(venv_bin / "accelerate", 'echo "node $SLURM_NODEID: $*"')
+    _stub(venv_bin / "accelerate", 'echo "node $SLURM_NODEID: $*"; echo "cpus $SRUN_CPUS_PER_TASK"')
     env = {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "VENV": str(tmp_path / "venv"),
         "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
         "SLURM_NNODES": "2",
         "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_CPUS_PER_TASK": "32",
         "SLURM_SUBMIT_DIR": str(ROOT),
     }
     script = ["bash", "accelerate_configs/slurm_multi_node.sh", "recipes/lccc_base.yaml", "--seed", "1"]
@@ -140,6 +143,7 @@ def test_the_slurm_script_starts_accelerate_on_every_node_with_its_rank(tmp_path
     assert result.returncode == 0, result.stderr
     launches = [line for line in result.stdout.splitlines() if line.startswith("node ")]
     assert len(launches) == 2
+    assert result.stdout.count("cpus 32") == 2  # srun passes --cpus-per-task on (Slurm 22.05+ does not by itself)
     for rank, line in enumerate(launches):
         assert f"--machine_rank {rank} " in line
         assert "--num_machines 2 --num_processes 8 " in line

@@ -163,6 +163,13 @@ def test_sharegpt_from_every_file_kind_with_bad_records_counted(tmp_path, file_n
     assert "message 1 is from the assistant where the user speaks" in stats["malformed_examples"][0]
 
 
+def test_sharegpt_column_of_a_hub_dataset(tmp_path):
+    loaded = DatasetDict({"train": Dataset.from_list([{**r, "id": i} for i, r in enumerate(SHAREGPT)])})
+    with mock.patch.object(sources, "load_dataset", return_value=loaded):
+        samples, stats = prepare(tmp_path, "someone/sharegpt-zh")
+    assert stats["data_format"] == "sharegpt" and [user("第5个问题"), assistant("第5个回答")] in samples
+
+
 def test_the_format_key_forces_a_format(tmp_path):
     chat = [{"messages": [{"role": "assistant", "content": f"先说{i}"}, user(f"后问{i}")]} for i in range(40)]
     path = write(tmp_path / "c.jsonl", chat, "jsonl")

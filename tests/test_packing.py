@@ -1,14 +1,16 @@
-"""Attention choice and packing: a packed batch must give the loss of its sequences run one by one."""
+"""Packing: a packed batch must give the loss of its sequences run one by one, and unsafe packing is refused."""
 
 import pytest
 import torch
 from helpers import SMOKE_RECIPE
 
-from sft import model as model_module
 from sft.config import parse_recipe
 from sft.data import load_conversations
-from sft.model import attention_implementation, keep_packed_sequences_apart
+from sft.machine import machine_facts
+from sft.plan import keep_packed_sequences_apart
 from sft.train import build_trainer
+
+CPU = machine_facts(parse_recipe(["--config", str(SMOKE_RECIPE)]).training)
 
 
 def packed_trainer(output_dir, attention: str):
@@ -48,32 +50,18 @@ def test_packed_loss_equals_the_loss_of_each_sequence_alone(tiny_model, tmp_path
     assert abs(leaky - packed) > 1e-3, "the check cannot tell isolated packs from leaky ones"
 
 
-def test_packing_is_refused_where_sequences_could_see_each_other(recwarn, caplog):
-    recipe = parse_recipe(["--config", str(SMOKE_RECIPE), "--packing", "true", "--packing_strategy", "wrapped"])
-    keep_packed_sequences_apart(recipe.training, "sdpa")
-    assert not recipe.training.packing and recipe.training.train_sampling_strategy == "group_by_length"
+def test_packing_is_refused_where_sequences_could_see_each_other(caplog):
+    def decided(*flags):
+        recipe = parse_recipe(["--config", str(SMOKE_RECIPE), "--packing", "true", *flags])
+        keep_packed_sequences_apart(recipe, CPU, [])
+        return recipe.training
+
+    training = decided("--packing_strategy", "wrapped", "--attn_implementation", "sdpa")
+    assert not training.packing and training.train_sampling_strategy == "group_by_length"
     assert "packing refused: packing_strategy 'wrapped'" in caplog.text
 
-    recipe = parse_recipe(["--config", str(SMOKE_RECIPE), "--packing", "true"])
-    keep_packed_sequences_apart(recipe.training, "some_custom_kernel")
-    assert not recipe.training.packing and recipe.training.train_sampling_strategy == "group_by_length"
+    training = decided("--attn_implementation", "some_custom_kernel")
+    assert not training.packing and training.train_sampling_strategy == "group_by_length"
     assert "attention 'some_custom_kernel' is not known to keep packed sequences apart" in caplog.text
 
-    recipe = parse_recipe(["--config", str(SMOKE_RECIPE), "--packing", "true"])
-    keep_packed_sequences_apart(recipe.training, "sdpa")
-    assert recipe.training.packing
-
-
-def test_attention_is_chosen_automatically_and_the_recipe_wins(monkeypatch):
-    assert attention_implementation("eager") == "eager"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert attention_implementation(None) == "sdpa"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
-    monkeypatch.setattr(model_module, "is_flash_attn_2_available", lambda: True)
-    assert attention_implementation(None) == "flash_attention_2"
-    monkeypatch.setattr(model_module, "is_flash_attn_2_available", lambda: False)
-    assert attention_implementation(None) == "sdpa"
-    monkeypatch.setattr(model_module, "is_flash_attn_2_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (7, 5))  # Turing: no FlashAttention-2
-    assert attention_implementation(None) == "sdpa"
+    assert decided("--attn_implementation", "sdpa").packing

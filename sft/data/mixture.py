@@ -121,7 +121,8 @@ def mix_train(trains: list[Dataset], sources: list[MixedSource], seed: int) -> D
 
 def realised_shares(mixed: Dataset, labels: list[str]) -> dict[str, float]:
     """Each source's share of the mixed samples."""
-    counts = np.bincount(np.asarray(mixed.with_format("numpy")[SOURCE_COLUMN]), minlength=len(labels))
+    tags = mixed.with_format("arrow")[SOURCE_COLUMN].to_numpy()  # Arrow: far faster than rows through an index
+    counts = np.bincount(tags, minlength=len(labels))
     return {label: round(float(count / max(len(mixed), 1)), 4) for label, count in zip(labels, counts, strict=True)}
 
 

