@@ -38,7 +38,7 @@ from transformers.convert_slow_tokenizer import TikTokenConverter  # noqa: E402
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
 from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template  # noqa: E402
 
-from sft.data import dialogue_to_samples, normalize_utterance  # noqa: E402
+from sft.data import multi_turn_samples, normalize_utterance  # noqa: E402
 from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers  # noqa: E402
 from sft.tiny import LLAMA3_SPECIALS, QWEN_SPECIALS, SAMPLE_DATA  # noqa: E402
 
@@ -130,7 +130,7 @@ def samples(path: Path) -> list[list[dict]]:
     for dialogues in splits.values():
         for dialogue in dialogues:
             utterances = [normalize_utterance(u) for u in dialogue]
-            conversations += [s["messages"] for s in dialogue_to_samples(utterances, 3, None)]
+            conversations += [s["messages"] for s in multi_turn_samples(utterances, 3, None)]
     return conversations
 
 

@@ -16,7 +16,7 @@ from transformers import TextStreamer
 
 from sft.cli import parse_arguments
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
-from sft.generation import GenerationArguments, generation_kwargs
+from sft.generation import GenerationArguments, chosen_settings, generation_kwargs, load_generation_defaults
 from sft.inference import (
     TrainedModelArguments,
     default_device,
@@ -147,11 +147,13 @@ def context_window(model) -> int:
 
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> list[str]:
-    where, args, settings = parse_arguments(
+    parsed = parse_arguments(
         (TrainedModelArguments, ChatArguments, GenerationArguments),
         sys.argv[1:] if argv is None else argv,
         prog="python -m sft.chat",
-    ).values
+    )
+    where, args, settings = parsed.values
+    settings = load_generation_defaults(where.model_path, chosen_settings(settings, parsed.chosen))
     if args.message is not None and not all(m.strip() for m in args.message):
         raise UserError("--message must not be empty")
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)

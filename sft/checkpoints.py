@@ -1,24 +1,70 @@
-"""Never lose training: resume from the newest complete checkpoint, stop cleanly on signals, save atomically."""
+"""Never lose training: one run per folder, resume from the newest loadable checkpoint, stop cleanly on signals."""
 
+import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import signal
+import socket
+import sys
+import zipfile
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 import yaml
+from safetensors import safe_open
 from transformers import TrainerCallback
+from transformers.trainer_utils import sort_checkpoints
 
 from sft.config import RECIPE_FILE
 from sft.errors import UserError
+from sft.files import megabytes, write_atomically
 
 logger = logging.getLogger(__name__)
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 FINISHED_MARKER = "run_summary.json"  # written last: its presence means the run finished and saved everything
+LOCK_FILE = ".run.lock"  # holds the OS lock of the run training into the folder, and who that run is
+# Where a run writes and how it reports, not what it trains: changing them does not make another recipe, so a
+# moved or copied run folder, or another data cache folder, still resumes.
+NOT_THE_RECIPE = {
+    "output_dir",
+    "logging_dir",
+    "processed_dir",
+    "run_name",
+    "report_to",
+    "log_level",
+    "log_level_replica",
+    "logging_strategy",
+    "logging_steps",
+    "logging_first_step",
+    "disable_tqdm",
+}
+_held_locks: dict[Path, int] = {}
+
+
+def claim_output_dir(output_dir: Path) -> None:
+    """Make this process the only run training into `output_dir` until it ends, or stop naming the one that is.
+
+    The lock is the kernel's (flock): it goes away with its process, so a killed run never leaves a stale lock.
+    """
+    key = output_dir.resolve()
+    if key in _held_locks:
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"cannot use output_dir {output_dir}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 4096).decode(errors="replace").strip() or "another process"
+        os.close(descriptor)
+        raise UserError(
+            f"{output_dir} is in use by another run ({holder}); wait for it to end or choose another output_dir"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}".encode())
+    _held_locks[key] = descriptor
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
@@ -31,24 +77,81 @@ def is_complete_checkpoint(folder: Path) -> bool:
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoint folders in `output_dir`, oldest step first."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
-    return [path for _, path in sorted(found)]
+    """Checkpoint folders in `output_dir`, oldest step first (by step number, as Trainer orders them)."""
+    return [Path(path) for path in sort_checkpoints(str(output_dir))] if output_dir.is_dir() else []
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The fully written checkpoints, oldest first; half-written ones (a crash during the save) are skipped."""
+    complete = []
+    for folder in checkpoints(output_dir):
+        if is_complete_checkpoint(folder):
+            complete.append(folder)
+        else:
+            logger.warning("ignoring %s: it was not completely written (the run died while saving it)", folder)
+    return complete
 
 
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint that was fully written; half-written ones (a crash during the save) are skipped."""
-    for folder in reversed(checkpoints(output_dir)):
-        if is_complete_checkpoint(folder):
-            return folder
-        logger.warning("ignoring %s: it was not completely written (the run died while saving it)", folder)
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def how_to_go_on(output_dir: Path) -> str:
+    """After a failed save: what a rerun will do, and how big the last good checkpoint was (what the next needs)."""
+    checkpoint = latest_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        return "free some space and run the same command again: no checkpoint is complete yet, so it starts over"
+    size = sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
+    return (
+        f"a checkpoint here takes about {megabytes(size)}; free some space (or lower save_total_limit) and run the "
+        f"same command again: it resumes from {checkpoint.name} and the run is not marked finished until it is saved"
+    )
+
+
+def damaged_file(checkpoint: Path) -> tuple[str, str] | None:
+    """The first file of `checkpoint` that cannot be read back whole (truncated or corrupted), and why."""
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix in (".pt", ".pth", ".bin"):  # torch.save's zip archives, with a CRC for every record
+                with zipfile.ZipFile(path) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        raise ValueError(f"record {bad} fails its checksum")
+            elif path.suffix == ".safetensors":  # the header must describe exactly the bytes in the file
+                with safe_open(path, "pt") as weights:
+                    weights.keys()
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except Exception as err:
+            return path.name, str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
+
+
+def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files all read back; newer damaged ones are set aside, never deleted."""
+    damaged = []
+    for checkpoint in reversed(complete_checkpoints(output_dir)):
+        problem = damaged_file(checkpoint)
+        if problem is None:
+            for bad in damaged:  # resuming here would save over them: keep them under another name
+                os.replace(bad, bad.with_name(f"damaged-{bad.name}"))
+                logger.warning("kept the damaged %s as %s", bad.name, bad.with_name(f"damaged-{bad.name}"))
+            return checkpoint
+        logger.warning("%s cannot be loaded: %s is damaged (%s); trying the previous checkpoint", checkpoint, *problem)
+        damaged.append(checkpoint)
+    if damaged:
+        raise UserError(
+            f"no checkpoint in {output_dir} can be loaded ({', '.join(p.name for p in damaged)} damaged, see the "
+            "warnings above); to start over pass `--overwrite_output_dir true` (deletes that folder) or choose "
+            "another output_dir"
+        )
     return None
 
 
 def recipe_differences(saved: dict, current: dict) -> list[str]:
-    return sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    """The training-relevant keys whose values differ; locations and logging (NOT_THE_RECIPE) do not count."""
+    keys = (saved.keys() | current.keys()) - NOT_THE_RECIPE
+    return sorted(key for key in keys if saved.get(key) != current.get(key))
 
 
 def looks_like_a_run(folder: Path) -> bool:
@@ -63,6 +166,8 @@ def clear_earlier_run(output_dir: Path) -> None:
             "checkpoint-*), so nothing in it is deleted; choose a new or empty output_dir"
         )
     for path in output_dir.iterdir():
+        if path.name == LOCK_FILE:  # held by this run
+            continue
         logger.warning("overwrite_output_dir: deleting %s", path)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -74,7 +179,7 @@ def checkpoint_to_resume(output_dir: str, resolved_recipe: dict, overwrite: bool
     user must pass `--overwrite_output_dir true` (which deletes it) or pick another folder.
     """
     folder = Path(output_dir)
-    if not folder.is_dir() or not any(folder.iterdir()):
+    if not folder.is_dir() or not any(path.name != LOCK_FILE for path in folder.iterdir()):
         return None
     if overwrite:
         clear_earlier_run(folder)
@@ -82,30 +187,34 @@ def checkpoint_to_resume(output_dir: str, resolved_recipe: dict, overwrite: bool
     recipe_path = folder / RECIPE_FILE
     saved = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) if recipe_path.is_file() else None
     if (folder / FINISHED_MARKER).is_file():
-        what = "this recipe" if saved == resolved_recipe else "a different recipe"
+        what = "a different recipe" if saved is None or recipe_differences(saved, resolved_recipe) else "this recipe"
         raise UserError(
             f"{output_dir} already holds a finished run of {what}; choose another output_dir or pass "
             "`--overwrite_output_dir true` to delete it and train again"
         )
-    if saved is not None and saved != resolved_recipe:
+    if saved is not None and recipe_differences(saved, resolved_recipe):
         raise UserError(
             f"{output_dir} holds an unfinished run of a different recipe (differs in: "
             f"{', '.join(recipe_differences(saved, resolved_recipe))}); rerun with that recipe to resume it, "
             "choose another output_dir, or pass `--overwrite_output_dir true` to delete it"
         )
-    checkpoint = latest_complete_checkpoint(folder)
+    checkpoint = newest_loadable_checkpoint(folder)
     if checkpoint is None:
         return None
-    logger.warning("resuming from %s (the newest complete checkpoint in %s)", checkpoint, output_dir)
+    logger.warning("resuming from %s (the newest loadable checkpoint in %s)", checkpoint, output_dir)
     return str(checkpoint)
 
 
 class StopOnSignal(TrainerCallback):
-    """On SIGTERM/SIGINT finish the current step, save a checkpoint and stop, on every rank at the same step."""
+    """On SIGTERM/SIGINT finish the current step, save a checkpoint and stop, on every rank at the same step.
+
+    A rank that got the signal sets accelerate's trigger; every rank checks it (an all-reduce) after each step.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
         self.received: int | None = None  # the signal this process got, if any
         self.stopped = False  # True once any rank got one: every rank then stops at the same step
         self.previous = {sig: signal.signal(sig, self._receive) for sig in self.SIGNALS}
@@ -116,16 +225,10 @@ class StopOnSignal(TrainerCallback):
             logger.warning("received %s: saving a checkpoint after this step, then stopping", name)
         self.received = signum
 
-    def _any_rank_received(self) -> bool:
-        flag = torch.tensor(float(self.received is not None))
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            flag = flag.to(device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_received():
+        if self.received is not None:
+            self.accelerator.set_trigger()
+        if self.accelerator.check_trigger():
             self.stopped = True
             control.should_save = True
             control.should_training_stop = True
@@ -144,7 +247,4 @@ def publish_final_outputs(staging: Path, output_dir: Path, summary: dict) -> Non
     for path in sorted(staging.iterdir()):
         os.replace(path, output_dir / path.name)
     staging.rmdir()
-    marker = output_dir / FINISHED_MARKER
-    partial = marker.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    os.replace(partial, marker)
+    write_atomically(output_dir / FINISHED_MARKER, json.dumps(summary, indent=2))

@@ -14,6 +14,7 @@ from trl import ModelConfig, SFTConfig
 
 from sft.cli import parse_arguments, plain
 from sft.errors import UserError
+from sft.files import write_atomically
 
 
 @dataclass
@@ -203,5 +204,5 @@ def check_values(recipe: Recipe) -> None:
 def save_resolved_recipe(recipe: Recipe, output_dir: str) -> Path:
     """Write the user's choices with their final values next to the trained adapter."""
     path = Path(output_dir) / RECIPE_FILE
-    path.write_text(yaml.safe_dump(recipe.resolved, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_atomically(path, yaml.safe_dump(recipe.resolved, allow_unicode=True, sort_keys=False))
     return path

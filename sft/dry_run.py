@@ -15,8 +15,11 @@ import torch
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sft import data as data_module
 from sft.config import Recipe
+from sft.data import load_conversations
+from sft.data.cache import is_prepared
+from sft.data.pipeline import subset
+from sft.data.stats import token_counts
 from sft.machine import Facts, machine_facts
 from sft.model import load_tokenizer
 from sft.plan import PACKING_SAFE_STRATEGIES, SHARDING, decide
@@ -29,17 +32,16 @@ BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, None: 4, "auto": 2}
 def prepared_data(recipe: Recipe, scratch: str) -> DatasetDict:
     """The prepared splits: from the cache when it holds them, else prepared into the folder `scratch`."""
     args, seed = recipe.data, recipe.training.seed
-    _, path = data_module.locate_source(args)
-    if (data_module.cache_folder(args, seed, path) / data_module.STATS_FILE).is_file():
-        return data_module.load_conversations(args, seed)
-    return data_module.load_conversations(dataclasses.replace(args, processed_dir=scratch), seed)
+    if is_prepared(args, seed):
+        return load_conversations(args, seed)
+    return load_conversations(dataclasses.replace(args, processed_dir=scratch), seed)
 
 
 def epoch_figures(recipe: Recipe, datasets: DatasetDict, tokenizer, num_processes: int) -> dict:
     """Samples, optimizer steps and supervised tokens of one epoch, from a tokenized sample of the train split."""
     training, train = recipe.training, datasets["train"]
-    measured = train.select(data_module.subset(len(train), MEASURED_SAMPLES, training.seed))
-    counts = np.array([data_module.token_counts(sample, tokenizer) for sample in measured]).reshape(-1, 2)
+    measured = train.select(subset(len(train), MEASURED_SAMPLES, training.seed))
+    counts = np.array([token_counts(sample, tokenizer)[:2] for sample in measured]).reshape(-1, 2)
     tokens, supervised = counts[:, 0], counts[:, 1]
     limit = training.max_length or int(tokens.max(initial=1))
     kept = np.minimum(tokens, limit)

@@ -1,6 +1,8 @@
 """Generation settings, one set for every command that generates (eval, chat, serve)."""
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sft.errors import UserError
 
@@ -56,3 +58,58 @@ def generation_kwargs(tokenizer, settings: GenerationArguments, sample: bool | N
     else:
         kwargs["do_sample"] = False
     return kwargs
+
+
+# --- The settings a run is evaluated and served with, saved next to it. ------------------------------------------
+
+GENERATION_CONFIG = "generation_config.json"  # transformers' format: vLLM and TGI read it from a model folder too
+SAVED_SETTINGS = (
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
+
+
+def save_generation_config(folder, settings: GenerationArguments, tokenizer) -> Path:
+    """Write `settings` as the folder's `generation_config.json` (atomically), with the end-of-turn token."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        **{name: getattr(settings, name) for name in SAVED_SETTINGS},
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    path = Path(folder) / GENERATION_CONFIG
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(config.to_json_string(), encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def load_generation_defaults(model_path, overrides: dict | None = None) -> GenerationArguments:
+    """The generation settings saved with a run (its `generation_config.json`), `overrides` on top.
+
+    Settings the file leaves out keep `GenerationArguments`' defaults; a folder without the file gets them all.
+    Eval, chat and the server all start from here, so what was evaluated is what is served.
+    """
+    from transformers import GenerationConfig
+
+    saved = {}
+    path = Path(model_path) / GENERATION_CONFIG
+    if path.is_file():
+        try:
+            config = GenerationConfig.from_pretrained(str(path.parent))
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path} is not a readable generation config: {str(err).splitlines()[0]}") from None
+        saved = {name: getattr(config, name) for name in SAVED_SETTINGS if getattr(config, name, None) is not None}
+    return GenerationArguments(**{**saved, **(overrides or {})})
+
+
+def chosen_settings(settings: GenerationArguments, chosen: list[str]) -> dict:
+    """The generation settings a user gave on the command line or in a recipe (`Parsed.chosen`)."""
+    return {name: getattr(settings, name) for name in chosen if name in GenerationArguments.__dataclass_fields__}

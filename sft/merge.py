@@ -11,6 +11,7 @@ with the inference chat template, a copy of `recipe.yaml` and `merge_info.json`;
 
 import json
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from sft.checkpoints import FINISHED_MARKER
 from sft.cli import parse_arguments
 from sft.config import RECIPE_FILE
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
+from sft.files import reporting_full_disk, write_atomically
+from sft.generation import GENERATION_CONFIG
 from sft.inference import (
     MERGE_INFO,
     default_device,
@@ -33,7 +36,7 @@ from sft.inference import (
 )
 
 logger = logging.getLogger(__name__)
-COPIED_FILES = (RECIPE_FILE, "trainer_state.json", FINISHED_MARKER)
+COPIED_FILES = (RECIPE_FILE, "trainer_state.json", FINISHED_MARKER, GENERATION_CONFIG)  # ours over the base's
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 PROBE = [{"role": "user", "content": "你好，最近怎么样？"}]
 
@@ -127,16 +130,6 @@ def merge(model_path: str, output_dir: str, dtype=None, device=None, base_model=
         max_diff,
     )
 
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.chat_template = inference_chat_template(tokenizer.chat_template)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(out)
-    for name in COPIED_FILES:
-        if (run.model_path / name).is_file():
-            shutil.copy2(run.model_path / name, out / name)
     info = {
         "base_model": run.base_model,
         "adapter": str(run.model_path),
@@ -146,7 +139,23 @@ def merge(model_path: str, output_dir: str, dtype=None, device=None, base_model=
     }
     if trained_on != "none":
         info["note"] = f"merged into an unquantized {info['dtype']} copy of the base, not into the {trained_on} one"
-    (out / MERGE_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    staging = out.with_name(f"{out.name}.partial")  # moved into place whole: a failed save leaves no merge behind
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with reporting_full_disk(out.parent, f"free some space and run the merge again; {out} was not touched"):
+            merged.save_pretrained(staging)
+            tokenizer.chat_template = inference_chat_template(tokenizer.chat_template)
+            tokenizer.padding_side = "left"
+            tokenizer.save_pretrained(staging)
+            for name in COPIED_FILES:
+                if (run.model_path / name).is_file():
+                    shutil.copy2(run.model_path / name, staging / name)
+            write_atomically(staging / MERGE_INFO, json.dumps(info, ensure_ascii=False, indent=2))
+        if out.exists():
+            shutil.rmtree(out)  # empty, or an earlier merge the user asked to replace (check_output_dir)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info("merged model and tokenizer saved to %s", out)
     return info
 

@@ -26,7 +26,7 @@ from jinja2 import TemplateError
 from sft.chat import context_window
 from sft.cli import parse_arguments
 from sft.errors import LOG_FORMAT, exits_cleanly_on_user_error
-from sft.generation import GenerationArguments, generation_kwargs
+from sft.generation import GenerationArguments, chosen_settings, generation_kwargs, load_generation_defaults
 from sft.inference import (
     TrainedModelArguments,
     default_device,
@@ -219,11 +219,14 @@ def load_service(where: TrainedModelArguments, options: ServeArguments, settings
 
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    where, options, settings = parse_arguments(
+    parsed = parse_arguments(
         (TrainedModelArguments, ServeArguments, GenerationArguments),
         sys.argv[1:] if argv is None else argv,
         prog="python -m sft.serve",
-    ).values
+    )
+    where, options, settings = parsed.values
+    # the settings saved with the run (what was evaluated), flags on top; each request may override them
+    settings = load_generation_defaults(where.model_path, chosen_settings(settings, parsed.chosen))
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     quiet_library_noise()
     service = load_service(where, options, settings)

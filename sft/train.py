@@ -18,10 +18,19 @@ from peft import NoMatchingPeftModuleError
 from transformers import TrainerCallback
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-from sft.checkpoints import StopOnSignal, checkpoint_to_resume, latest_complete_checkpoint, publish_final_outputs
+from sft.checkpoints import (
+    StopOnSignal,
+    checkpoint_to_resume,
+    claim_output_dir,
+    how_to_go_on,
+    latest_complete_checkpoint,
+    publish_final_outputs,
+)
 from sft.config import Recipe, save_resolved_recipe
 from sft.data import held_out_by_source
 from sft.errors import UserError
+from sft.files import reporting_full_disk
+from sft.generation import GenerationArguments, save_generation_config
 from sft.machine import machine_facts, peak_memory
 from sft.model import keep_4bit_layers_differentiable, load_tokenizer, model_init_kwargs
 from sft.plan import decide
@@ -154,25 +163,27 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     return trainer
 
 
-def create_output_dir(output_dir: Path) -> None:
-    """Make `output_dir` before anything is loaded, so a folder that cannot exist is one clear error."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output_dir {output_dir}: {err.strerror or err}") from None
+def eval_loss_curves(log_history: list[dict]) -> dict[str, dict]:
+    """Each evaluation loss a run logged (`eval_loss`, or `eval_<source>_loss` for a mixture): first, last, all."""
+    curves = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith("eval_") and key.endswith("_loss"):
+                curves.setdefault(key, []).append(value)
+    return {key: {"first": losses[0], "last": losses[-1], "history": losses} for key, losses in curves.items()}
 
 
 def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss: float) -> dict:
     """What the run did; the runtime and the speeds count training only, not evaluation or checkpoint saving."""
-    eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    curves = eval_loss_curves(trainer.state.log_history)
     counts = trainer.gathered_counts()
     slots, train_tokens, supervised = counts.sum(dim=0).tolist()
     memory = peak_memory(trainer.model.device)
     return {
         "train_loss": train_loss,
-        "eval_loss": {"first": eval_losses[0], "last": eval_losses[-1], "history": eval_losses}
-        if eval_losses
-        else None,
+        "eval_loss": curves.pop("eval_loss", None),
+        "eval_loss_by_source": {key.removeprefix("eval_").removesuffix("_loss"): c for key, c in curves.items()}
+        or None,
         "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_samples": len(trainer.train_dataset),
@@ -230,26 +241,28 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
     output_dir = Path(args.output_dir)
     keep_hub_token_out_of_saved_files(args)
     state = PartialState()
+    if state.is_main_process:  # the ranks of one launch share the folder; another launch stops here
+        claim_output_dir(output_dir)
     with state.main_process_first():
         resume = args.resume_from_checkpoint or checkpoint_to_resume(
             args.output_dir, recipe.resolved, recipe.run.overwrite_output_dir
         )
     use_wandb_offline_without_login(args.report_to, args.output_dir)
-    create_output_dir(output_dir)
     decide(recipe, machine_facts(args))
     trainer = build_trainer(recipe, datasets)
     if state.is_main_process:
         save_resolved_recipe(recipe, args.output_dir)
 
-    stopper, clock = StopOnSignal(), TrainingClock()
+    stopper, clock = StopOnSignal(trainer.accelerator), TrainingClock()
     trainer.add_callback(stopper)
     trainer.add_callback(clock)
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except torch.OutOfMemoryError:
-        raise UserError(OOM_ADVICE) from None
-    finally:
-        stopper.restore_handlers()
+    with reporting_full_disk(output_dir, lambda: how_to_go_on(output_dir)):
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except torch.OutOfMemoryError:
+            raise UserError(OOM_ADVICE) from None
+        finally:
+            stopper.restore_handlers()
     if stopper.stopped:
         state.wait_for_everyone()  # no rank exits (and, under srun --kill-on-bad-exit, ends the job) mid-write
         logger.warning(
@@ -266,10 +279,12 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         shutil.rmtree(staging)
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final adapter is one ordinary PEFT file
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(staging))
-    if state.is_main_process:
-        trainer.state.save_to_json(str(staging / "trainer_state.json"))
-        publish_final_outputs(staging, output_dir, summary)
+    with reporting_full_disk(output_dir, lambda: how_to_go_on(output_dir)):
+        trainer.save_model(str(staging))
+        if state.is_main_process:
+            trainer.state.save_to_json(str(staging / "trainer_state.json"))
+            save_generation_config(staging, GenerationArguments(), trainer.processing_class)  # eval/chat/serve defaults
+            publish_final_outputs(staging, output_dir, summary)
         logger.info("run finished: adapter and run_summary.json in %s", output_dir)
     state.wait_for_everyone()  # every rank exits only after rank 0 has published the results
     trainer.accelerator.end_training()

@@ -37,9 +37,22 @@ def test_chat_through_stdin_with_reset_and_exit(smoke_run):
     assert "这句不会被读到" not in transcript
 
 
-def test_message_mode_replies_once_per_message_and_keeps_history(smoke_run, capsys):
+def test_message_mode_replies_once_per_message_and_keeps_history(smoke_run, capsys, monkeypatch):
+    prompts = []
+    real_prompt_ids = ChatSession.prompt_ids
+
+    def recording_prompt_ids(session, user_text):
+        ids = real_prompt_ids(session, user_text)
+        prompts.append(session.tokenizer.decode(ids))
+        return ids
+
+    monkeypatch.setattr(ChatSession, "prompt_ids", recording_prompt_ids)
     replies = main(["--model_path", str(smoke_run), "--message", "你好", "--message", "在吗", "--max_new_tokens", "6"])
-    assert len(replies) == 2
+    assert len(replies) == 2 and len(prompts) == 2
+    second = prompts[1]  # holds the first turn, user message and reply, before the second message
+    assert second.count("[/INST]") == 2 and second.index("你好") < second.index("[/INST]") < second.index("在吗")
+    first_reply = second[second.index("[/INST]") + len("[/INST]") : second.index("</s>")]
+    assert first_reply.strip() == replies[0].strip()
     out = capsys.readouterr().out
     assert ASSISTANT_PROMPT not in out and "user>" not in out  # only the replies, for scripts
     assert all(reply in out for reply in replies)
@@ -106,3 +119,18 @@ def test_chat_flag_mistakes_are_one_line(smoke_run, capsys):
     with pytest.raises(SystemExit):
         main(["--model_path", str(smoke_run), "--temperatur", "1"])
     assert "unknown option `--temperatur` (did you mean `temperature`?)" in capsys.readouterr().err
+
+
+def test_chat_starts_from_the_generation_settings_saved_with_the_run(smoke_run, tmp_path):
+    import shutil
+
+    from sft.generation import save_generation_config
+    from sft.inference import read_run
+
+    run = shutil.copytree(smoke_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
+    saved = GenerationArguments(max_new_tokens=4, temperature=1.5, top_k=5, repetition_penalty=1.2)
+    save_generation_config(run, saved, read_run(str(run)).load_tokenizer())
+    from_file = main(["--model_path", str(run), "--message", "你好"])
+    flags = ["--max_new_tokens", "4", "--temperature", "1.5", "--top_k", "5", "--repetition_penalty", "1.2"]
+    assert from_file == main(["--model_path", str(smoke_run), "--message", "你好", *flags])
+    assert from_file[0]  # sampled hot, four tokens: some text

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetNotFoundError
-from helpers import run_command
+from helpers import reply_tokens, run_command
 from transformers import AutoTokenizer
 
 from sft.config import DataArguments
@@ -27,7 +27,9 @@ from sft.data import (
 from sft.data.__main__ import main
 from sft.data.clean import clean_utterances
 from sft.data.conversations import dialogue_samples
+from sft.data.stats import token_counts
 from sft.errors import UserError
+from sft.model import load_tokenizer
 
 
 def make_dialogues(count: int = 30) -> list[list[str]]:
@@ -73,7 +75,10 @@ def jsonl(rows) -> str:
         ("你 好 啊 ！", "你好啊！"),
         ("2 1 万", "21万"),
         ("我 买 了 iPhone 12", "我买了iPhone 12"),  # word-segmented releases keep spaces between Latin words
-        ("I love you", "I love you"),
+        ("I love you", "I love you"),  # a single letter before a longer word keeps its space ...
+        ("iPhone X", "iPhone X"),  # ... and after one
+        ("Windows 7 系 统", "Windows 7系统"),
+        ("COVID 19", "COVID 19"),
         ("S E E D", "SEED"),
         ("你\u3000好 \t 啊", "你好啊"),  # any white space, not only ASCII spaces
         ("   ", ""),
@@ -422,6 +427,27 @@ def test_the_cli_prepares_a_recipe_and_writes_stats(tmp_path, tiny_model):
     spelled = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     assert tokens["characters_per_token"] == round(sum(map(len, texts)) / spelled, 3)
     assert "statistics in" in result.stderr
+
+
+def test_token_counts_of_two_hand_made_dialogues(tiny_model):
+    """Each sample's tokens and loss tokens against an independent count: the rendered text's tokens, and the
+    tokens inside the replies found by character offsets (every reply for multi_turn, the completion for per_turn)."""
+    tokenizer = load_tokenizer(str(tiny_model))
+    dialogues = [
+        ["你好啊", "你好！今天过得怎么样？", "还不错，去爬山了", "下次叫上我"],
+        ["在吗", "在", "iPhone 12 好用吗", "拍照很好看"],
+    ]
+    for sample_format in ("multi_turn", "per_turn"):
+        args = DataArguments(sample_format=sample_format, max_turns=2, system_prompt="你是一个友好的聊天伙伴。")
+        samples = [sample for dialogue in dialogues for sample in dialogue_samples(dialogue, args)]
+        assert len(samples) == (2 if sample_format == "multi_turn" else 4)
+        for sample in samples:
+            messages = sample.get("messages") or sample["prompt"] + sample["completion"]
+            rendered = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+            tokens, supervised, characters, _ = token_counts(sample, tokenizer)
+            assert tokens == len(rendered["input_ids"])
+            assert supervised == reply_tokens(messages, tokenizer, last_only=sample_format == "per_turn")
+            assert characters == sum(len(message["content"]) for message in messages)
 
 
 def test_multi_turn_needs_fewer_tokens_per_supervised_token(tmp_path, lccc_file, tiny_model):

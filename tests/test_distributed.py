@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import stat
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +46,38 @@ class Run:
     log: str
 
 
-def launch(command: list[str], output_dir: Path) -> Run:
+# Imported first by every Python process of a run (PYTHONPATH): in rank 1 only, output_dir becomes read-only
+# (its own mount namespace with a read-only bind mount), and a probe write records that it really is.
+READ_ONLY_FOR_RANK_1 = """
+import ctypes, os, pathlib
+if os.environ.get("RANK") == "1":
+    libc = ctypes.CDLL(None, use_errno=True)
+    folder, report = os.environ["READ_ONLY_DIR"].encode(), pathlib.Path(os.environ["READ_ONLY_REPORT"])
+    CLONE_NEWNS, MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 0x1, 0x20, 0x1000, 0x4000, 0x40000
+    for result in (
+        libc.unshare(CLONE_NEWNS),
+        libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None),
+        libc.mount(folder, folder, None, MS_BIND, None),
+        libc.mount(None, folder, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None),
+    ):
+        if result != 0:
+            report.write_text(f"setup failed: {os.strerror(ctypes.get_errno())}")
+            raise SystemExit(1)
+    try:
+        (pathlib.Path(folder.decode()) / "probe").write_text("rank 1")
+        report.write_text("rank 1 could write")
+    except OSError as err:
+        report.write_text(f"rank 1 cannot write: {err.strerror}")
+"""
+
+
+def can_make_private_mounts() -> bool:
+    return run_command(["unshare", "--mount", "true"]).returncode == 0
+
+
+def launch(command: list[str], output_dir: Path, env: dict | None = None) -> Run:
     """Run a short smoke training into `output_dir` and return what it left and logged."""
-    result = run_command([*command, *SHORT_RUN, "--output_dir", str(output_dir)], timeout=300)
+    result = run_command([*command, *SHORT_RUN, "--output_dir", str(output_dir)], env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return Run(output_dir, json.loads((output_dir / "run_summary.json").read_text()), result.stderr)
 
@@ -59,7 +89,16 @@ def one_process(tiny_model, tmp_path_factory) -> Run:
 
 @pytest.fixture(scope="module")
 def two_processes(tiny_model, tmp_path_factory) -> Run:
-    return launch(TWO_PROCESSES, tmp_path_factory.mktemp("two") / "out")  # no GPU: use_cpu is set by itself
+    """Two ranks (no GPU: use_cpu is set by itself); where the machine allows, rank 1 sees output_dir read-only."""
+    folder = tmp_path_factory.mktemp("two")
+    output_dir, env = folder / "out", None
+    if can_make_private_mounts():
+        output_dir.mkdir()
+        (folder / "site").mkdir()
+        (folder / "site" / "sitecustomize.py").write_text(READ_ONLY_FOR_RANK_1)
+        report = folder / "rank1.txt"
+        env = {"PYTHONPATH": str(folder / "site"), "READ_ONLY_DIR": str(output_dir), "READ_ONLY_REPORT": str(report)}
+    return launch(TWO_PROCESSES, output_dir, env)
 
 
 def test_the_two_ranks_see_different_halves_of_the_epoch(one_process, two_processes):
@@ -85,8 +124,13 @@ def test_two_processes_take_half_the_optimizer_steps(one_process, two_processes)
 
 
 def test_only_rank_zero_writes_the_output(one_process, two_processes):
-    """Both ranks log at INFO (`--log_level_replica info`), yet the final save and its log line happen once, and
-    the folder holds the same single set of files as a one-process run's, nothing half-written left behind."""
+    """Rank 1 saw output_dir read-only (its probe write failed) and the run still succeeded: rank 1 wrote nothing
+    there. The final save's log line appears once although both ranks log at INFO, and the folder holds the same
+    single set of files as a one-process run's, nothing half-written left behind."""
+    if not can_make_private_mounts():
+        pytest.skip("this machine cannot give rank 1 a read-only view of output_dir (needs `unshare --mount`)")
+    report = two_processes.output_dir.parent / "rank1.txt"
+    assert report.read_text() == "rank 1 cannot write: Read-only file system"
     assert two_processes.log.count("run finished: adapter and run_summary.json in") == 1
     files = {path.name for path in two_processes.output_dir.iterdir()}
     assert files == {path.name for path in one_process.output_dir.iterdir()}
@@ -169,3 +213,77 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tiny
     checkpoint = latest_complete_checkpoint(output_dir)
     assert checkpoint is not None and len(list(output_dir.glob("checkpoint-*"))) == 1
     assert not (output_dir / "run_summary.json").exists()
+
+
+SIGNAL_ONE_RANK = """
+import os, signal
+from accelerate import Accelerator
+from transformers import TrainerControl
+from sft.checkpoints import StopOnSignal
+
+accelerator = Accelerator(cpu=True)
+stopper = StopOnSignal(accelerator)
+for step in range(1, 5):
+    if step == 3 and accelerator.process_index == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 gets it, after its step 2 check
+    control = TrainerControl()
+    stopper.on_step_end(None, None, control)
+    if control.should_training_stop:
+        break
+print(f"rank {accelerator.process_index}: stopped at step {step}, save {control.should_save}, got {stopper.received}")
+"""
+
+
+def test_the_real_cross_rank_check_stops_both_ranks_when_one_got_the_signal(tmp_path):
+    """StopOnSignal's own check (accelerate's trigger, an all-reduce over gloo) across two real processes: rank 0
+    never got a signal, yet it stops at the same step as rank 1, and no rank stopped before the signal."""
+    script = tmp_path / "signal_one_rank.py"
+    script.write_text(SIGNAL_ONE_RANK)
+    result = run_command([*TWO_PROCESSES[:-1], str(script)], env={"PYTHONPATH": str(ROOT)}, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == [
+        "rank 0: stopped at step 3, save True, got None",
+        f"rank 1: stopped at step 3, save True, got {int(signal.SIGTERM)}",
+    ]
+
+
+SAMPLES_PER_RANK = """
+import hashlib, json, sys
+from sft.config import parse_recipe
+from sft.data import load_conversations
+from sft.train import build_trainer
+
+recipe = parse_recipe(sys.argv[1:])
+trainer = build_trainer(recipe, load_conversations(recipe.data, recipe.training.seed))
+
+
+def key(ids):
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
+seen = [
+    key(row[mask.bool()].tolist())
+    for batch in trainer.get_train_dataloader()
+    for row, mask in zip(batch["input_ids"], batch["attention_mask"])
+]
+print("samples", json.dumps({"rank": trainer.accelerator.process_index, "seen": seen,
+                             "epoch": [key(sample["input_ids"]) for sample in trainer.train_dataset]}))
+"""
+
+
+def test_the_two_ranks_train_on_disjoint_halves_that_make_the_epoch(tiny_model, tmp_path):
+    """The samples themselves: each rank's batches (the trainer's own dataloader, sharded by accelerate) hold
+    48 of the 96 samples, no sample is in both, and together they are exactly the epoch's samples."""
+    script = tmp_path / "samples_per_rank.py"
+    script.write_text(SAMPLES_PER_RANK)
+    command = [*TWO_PROCESSES[:-1], str(script), *SHORT_RUN, "--output_dir", str(tmp_path / "out")]
+    result = run_command(command, env={"PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line[8:]) for line in result.stdout.splitlines() if line.startswith("samples ")]
+    ranks = sorted(reports, key=lambda report: report["rank"])
+    assert [report["rank"] for report in ranks] == [0, 1]
+    first, second = (Counter(report["seen"]) for report in ranks)
+    assert sum(first.values()) == sum(second.values()) == 48
+    assert not first.keys() & second.keys(), "a sample was trained on by both ranks"
+    assert first + second == Counter(ranks[0]["epoch"]), "the two halves are not the epoch"

@@ -46,7 +46,7 @@ def test_empty_recipe_says_it_is_empty(capsys, tmp_path):
 
 def test_output_dir_that_cannot_be_created(capsys, tiny_model):
     message = run_main(capsys, *smoke("--output_dir", "/proc/no-such-dir/out", "--max_steps", "1"))
-    assert message == "error: cannot create output_dir /proc/no-such-dir/out: No such file or directory"
+    assert message == "error: cannot use output_dir /proc/no-such-dir/out: No such file or directory"
 
 
 def test_lora_target_modules_matching_no_module(capsys, tiny_model, tmp_path):
@@ -150,3 +150,10 @@ def test_the_smoke_model_not_built_yet_says_how_to_build_it(monkeypatch, tmp_pat
     monkeypatch.chdir(tmp_path)  # no build/ folder here
     with pytest.raises(UserError, match="make tiny-model"):
         check_model_source("build/tiny-llama")
+
+
+def test_an_output_dir_that_cannot_be_created(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    message = run_main(capsys, *smoke("--output_dir", str(blocker / "out")))
+    assert message == f"error: cannot use output_dir {blocker / 'out'}: Not a directory"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from helpers import LAUNCH, ROOT, run_command
-from test_template import HANDWRITTEN, SYSTEM, supervised_runs
+from test_template import HANDWRITTEN, lccc_conversations, supervised_runs
 from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
 from trl.chat_template_utils import (
     has_generation_markers,
@@ -22,7 +22,6 @@ from trl.chat_template_utils import (
 )
 
 from sft.config import parse_recipe
-from sft.data import dialogue_to_samples, normalize_utterance
 from sft.errors import UserError
 from sft.model import TINY_MODEL_DIRS
 from sft.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
@@ -78,13 +77,7 @@ def tokenizer(family):
 @pytest.fixture(scope="module")
 def conversations():
     """Handwritten cases plus dialogues of the shipped sample, one to three turns, with and without a system prompt."""
-    dialogues = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))["train"][:20]
-    sample = []
-    for i, dialogue in enumerate(dialogues):
-        utterances = [normalize_utterance(u) for u in dialogue]
-        sample += [s["messages"] for s in dialogue_to_samples(utterances, 3, SYSTEM if i % 2 else None)]
-    assert {sum(m["role"] == "assistant" for m in c) for c in sample} >= {1, 2, 3}
-    return HANDWRITTEN + sample
+    return HANDWRITTEN + lccc_conversations(SAMPLE_DATA, 20)
 
 
 def test_the_tiny_model_ships_the_official_template_and_stops_at_the_end_of_turn(family, tokenizer):
@@ -223,13 +216,16 @@ class EndTurnAt(LogitsProcessor):
 
 def test_chat_stops_at_the_end_of_turn_token(family, family_run):
     from sft.chat import ChatSession
-    from sft.inference import generation_kwargs, load_model, load_tokenizer, read_run
+    from sft.generation import GenerationArguments, generation_kwargs
+    from sft.inference import load_model, read_run
 
     run = read_run(str(family_run))
-    tokenizer = load_tokenizer(run)
+    tokenizer = run.load_tokenizer()
     end_of_turn = tokenizer.convert_tokens_to_ids(family.end_of_turn)
     session = ChatSession(
-        load_model(run, device="cpu"), tokenizer, generation=generation_kwargs(tokenizer, 12, False, 0.9, 0.7)
+        load_model(run, device="cpu"),
+        tokenizer,
+        generation=generation_kwargs(tokenizer, GenerationArguments(max_new_tokens=12, do_sample=False)),
     )
     prompt = session.prompt_ids("你好")
     assert tokenizer.decode(prompt).endswith(family.reply_header)
@@ -241,7 +237,7 @@ def test_chat_stops_at_the_end_of_turn_token(family, family_run):
 
 
 def test_merge_ships_the_official_template(family, family_run, tmp_path):
-    from sft.inference import load_tokenizer, read_run
+    from sft.inference import read_run
     from sft.merge import main
 
     merged = tmp_path / "merged"
@@ -250,5 +246,5 @@ def test_merge_ships_the_official_template(family, family_run, tmp_path):
     assert tokenizer.chat_template == family.official
     # evaluation of the merged model finds the reply markers again
     assert (
-        load_tokenizer(read_run(str(merged)), reply_mask=True).chat_template == OUR_TRAINING_TEMPLATES[family.official]
+        read_run(str(merged)).load_tokenizer(reply_mask=True).chat_template == OUR_TRAINING_TEMPLATES[family.official]
     )

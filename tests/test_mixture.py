@@ -110,6 +110,8 @@ def test_the_mixed_smoke_recipe_trains_with_eval_losses_per_source_and_evaluates
     for label in ("lccc", "alpaca", "sharegpt"):  # each evaluated on start and after steps 2 and 4
         losses = [entry[f"eval_{label}_loss"] for entry in history if f"eval_{label}_loss" in entry]
         assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses), (label, losses)
+        summary = json.loads((output_dir / "run_summary.json").read_text())
+        assert summary["eval_loss_by_source"][label]["history"] == losses
 
     report = evaluate(["--model_path", str(output_dir), "--output_dir", str(tmp_path / "eval"), "--num_samples", "2"])
     assert report["perplexity_by_source"].keys() == {"lccc", "alpaca", "sharegpt"}

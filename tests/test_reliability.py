@@ -21,17 +21,20 @@ def losses(output_dir) -> dict[int, float]:
 
 
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_model, tmp_path):
-    steps = ["--max_steps", "24", "--save_steps", "8"]
+    steps = ["--max_steps", "24", "--save_steps", "4", "--save_total_limit", "5"]
     straight = tmp_path / "straight"
     assert run_command([*RUN, *steps, "--output_dir", str(straight)]).returncode == 0
 
     resumed = tmp_path / "resumed"
     command = [*RUN, *steps, "--output_dir", str(resumed)]
     process = start_command(command, tmp_path / "first.log")
-    wait_for(lambda: (resumed / "checkpoint-8" / "trainer_state.json").exists(), process)
+    wait_for(lambda: (resumed / "checkpoint-12" / "trainer_state.json").exists(), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (resumed / "run_summary.json").exists()
+    # the newest fully written checkpoint on disk, by step number (checkpoint-8 sorts after checkpoint-12 by name)
+    saved = resumed.glob("checkpoint-*/trainer_state.json")
+    newest = max(int(p.parent.name.split("-")[1]) for p in saved if p.read_text().rstrip().endswith("}"))
 
     second = run_command(command)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -39,7 +42,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_model,
     assert checkpoint["global_step"] == 24
     output = second.stdout + second.stderr
     resumed_from = int(output.split("resuming from ")[1].split("checkpoint-")[1].split(" ")[0])
-    assert resumed_from >= 8
+    assert resumed_from == newest >= 12
     assert output.count("'loss':") == 24 - resumed_from, "the rerun did not continue from the checkpoint"
     expected, got = losses(straight), losses(resumed)
     assert sorted(got) == list(range(1, 25))
@@ -92,12 +95,13 @@ def test_an_unfinished_run_of_another_recipe_is_refused(tmp_path):
         checkpoint_to_resume(str(tmp_path / "run"), {"lora_r": 16, "seed": 1}, overwrite=False)
 
 
-def test_a_half_written_checkpoint_is_skipped(tmp_path):
-    make_run_folder(tmp_path / "run", {"lora_r": 8}, finished=False, checkpoint_steps=[10, 20])
+def test_the_newest_complete_checkpoint_is_chosen_by_step_number(tmp_path):
+    """Steps of different lengths: by name, checkpoint-8 would beat checkpoint-16 and checkpoint-100."""
+    make_run_folder(tmp_path / "run", {"lora_r": 8}, finished=False, checkpoint_steps=[8, 16])
     (tmp_path / "run" / "checkpoint-30").mkdir()  # died before trainer_state.json
-    (tmp_path / "run" / "checkpoint-40").mkdir()
-    (tmp_path / "run" / "checkpoint-40" / "trainer_state.json").write_text('{"trunc')
-    assert checkpoint_to_resume(str(tmp_path / "run"), {"lora_r": 8}, overwrite=False).endswith("checkpoint-20")
+    (tmp_path / "run" / "checkpoint-100").mkdir()
+    (tmp_path / "run" / "checkpoint-100" / "trainer_state.json").write_text('{"trunc')
+    assert checkpoint_to_resume(str(tmp_path / "run"), {"lora_r": 8}, overwrite=False).endswith("checkpoint-16")
 
 
 def test_secrets_never_reach_logs_or_saved_files(tiny_model, tmp_path):
@@ -122,22 +126,6 @@ def test_overwrite_never_empties_a_folder_that_holds_no_run(tmp_path):
     with pytest.raises(UserError, match="does not hold a training run"):
         checkpoint_to_resume(str(tmp_path), {"lora_r": 8}, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
-def test_every_rank_stops_when_another_rank_got_the_signal(monkeypatch):
-    from transformers import TrainerControl
-
-    from sft.checkpoints import StopOnSignal
-
-    stopper = StopOnSignal()
-    try:
-        monkeypatch.setattr(stopper, "_any_rank_received", lambda: True)  # the all-reduce saw another rank's flag
-        control = TrainerControl()
-        stopper.on_step_end(None, None, control)
-        assert stopper.received is None and stopper.stopped
-        assert control.should_save and control.should_training_stop
-    finally:
-        stopper.restore_handlers()
 
 
 def test_a_hub_token_flag_is_masked_in_the_recorded_command_line(monkeypatch):

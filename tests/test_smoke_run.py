@@ -3,8 +3,11 @@
 import json
 
 import yaml
-from helpers import LAUNCH, run_command
+from helpers import LAUNCH, SMOKE_RECIPE, reply_tokens, run_command
 from safetensors import safe_open
+
+from sft.config import parse_recipe
+from sft.data import load_conversations
 
 SUMMARY_KEYS = {
     "train_loss",
@@ -37,6 +40,15 @@ def test_smoke_run_summary_is_complete_and_the_model_learned(smoke_run):
     eval_loss = summary["eval_loss"]
     assert len(eval_loss["history"]) >= 3
     assert eval_loss["last"] < 0.85 * eval_loss["first"], eval_loss
+
+
+def test_the_loss_falls_on_exactly_the_reply_tokens(smoke_run, trained_tokenizer):
+    """The run's supervised token count equals the reply tokens counted independently, once per epoch."""
+    recipe = parse_recipe(["--config", str(SMOKE_RECIPE)])
+    train = load_conversations(recipe.data, recipe.training.seed)["train"]
+    per_epoch = sum(reply_tokens(m, trained_tokenizer, recipe.training.max_length) for m in train["messages"])
+    summary = json.loads((smoke_run / "run_summary.json").read_text())
+    assert summary["supervised_tokens"] == per_epoch * recipe.training.num_train_epochs
 
 
 def test_wandb_without_login_logs_offline_and_says_how_to_sync(tiny_model, tmp_path):

@@ -11,7 +11,7 @@ from helpers import SMOKE_RECIPE
 from transformers import AutoTokenizer
 
 from sft.config import parse_recipe
-from sft.data import multi_turn_samples, normalize_utterance
+from sft.data import multi_turn_samples, normalize_utterance, per_turn_samples
 from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers, training_chat_template
 from sft.tiny import SAMPLE_DATA
 from sft.train import build_trainer
@@ -173,3 +173,30 @@ def test_labels_cover_exactly_the_replies_and_their_eos(trainer, conversations, 
         for message in messages:
             if message["role"] != "assistant":
                 assert message["content"].strip() in unsupervised
+
+
+# per_turn samples of two hand-made dialogues: each reply a completion, the earlier turns its prompt
+PER_TURN = per_turn_samples(["你好啊", "你好！今天过得怎么样？", "还不错，去爬山了", "下次叫上我"], 2, SYSTEM)
+PER_TURN += per_turn_samples(["在吗", "在", "iPhone 12 好用吗", "拍照很好看"], 1)
+
+
+@pytest.fixture(scope="module")
+def per_turn_trainer(tiny_model, tmp_path_factory):
+    """The smoke recipe's trainer on prompt/completion samples, as `sample_format: per_turn` gives them."""
+    output_dir = tmp_path_factory.mktemp("per-turn-run")
+    recipe = parse_recipe(["--config", str(SMOKE_RECIPE), "--output_dir", str(output_dir)])
+    data = Dataset.from_list(PER_TURN)
+    return build_trainer(recipe, DatasetDict(train=data, validation=data.select(range(2))))
+
+
+def test_per_turn_labels_cover_exactly_the_completion_and_its_eos(per_turn_trainer, tokenizer):
+    trainer = per_turn_trainer
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PER_TURN))])
+    for row, sample in enumerate(PER_TURN):
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        [(start, end)] = supervised_runs(labels)
+        assert labels[start:end] == ids[start:end]
+        assert ids[end - 1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids[start:end]).strip() == f"{sample['completion'][0]['content']} </s>"
+        assert tokenizer.decode(ids[:start]).endswith("[/INST]")
+        assert all(label == -100 for label in labels[end:])  # padding after the end token carries no loss

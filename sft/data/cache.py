@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 from datasets import Dataset, DatasetDict
 from filelock import FileLock
 
@@ -18,6 +19,7 @@ from sft.data.pipeline import prepare
 from sft.data.records import SPLITS
 from sft.data.sources import LCCC_HUB_ID, PARQUET_REVISION, locate_source, with_lccc_names
 from sft.data.stats import STATS_FILE, summary, utterance_counts, write_stats
+from sft.files import reporting_full_disk
 
 logger = logging.getLogger(__name__)
 
@@ -58,25 +60,62 @@ def cache_folder(args: DataArguments, seed: int, path: Path | None) -> Path:
     return Path(args.processed_dir) / f"{_UNSAFE_IN_NAME.sub('_', stem)}-{key}"
 
 
+def arrow_rows(path: Path) -> int:
+    """Rows of an Arrow stream file; every record batch must lie within the file (memory-mapped, so cheap)."""
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all().num_rows
+
+
+def is_readable(folder: Path) -> bool:
+    """Every split of a complete cache folder holds the rows `stats.json` counted. A damaged tokenization cache
+    (`cache-*.arrow`, written there by `datasets` when the trainer tokenizes) is deleted, to be made again."""
+    for tokenized in sorted(folder.glob("cache-*.arrow")):
+        try:
+            arrow_rows(tokenized)
+        except (OSError, pa.ArrowException) as err:
+            logger.warning("the tokenization cache %s is damaged (%s): deleting it to tokenize again", tokenized, err)
+            tokenized.unlink()
+    try:
+        for split, rows in json.loads((folder / STATS_FILE).read_text(encoding="utf-8"))["samples"].items():
+            if (found := arrow_rows(folder / f"{split}.arrow")) != rows:
+                raise ValueError(f"{split}.arrow holds {found} rows, stats.json counted {rows}")
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+        logger.warning("the prepared data in %s cannot be read (%s): preparing it again", folder, err)
+        return False
+    return True
+
+
 def build_once(folder: Path, what: str, build: Callable[[Path, Path], None]) -> Path:
-    """`folder`, complete: reused when it has `stats.json`, else built by `build(work, out)` and moved in place."""
+    """`folder`, complete: reused when it has `stats.json` and reads back whole, else built by `build(work, out)`
+    and moved in place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{folder}.lock"):  # one process prepares, the others (other ranks, other runs) wait and reuse
-        if (folder / STATS_FILE).is_file():
+        if (folder / STATS_FILE).is_file() and is_readable(folder):
             logger.info("reusing the data prepared in %s", folder)
             return folder
         logger.info("preparing %s into %s", what, folder)
         scratch = folder.with_name(f"{folder.name}.tmp")
         shutil.rmtree(scratch, ignore_errors=True)
-        for part in ("work", "data"):
-            (scratch / part).mkdir(parents=True)
+        advice = "free some space there (or choose another processed_dir) and run the same command again"
         try:
-            build(scratch / "work", scratch / "data")
+            with reporting_full_disk(folder.parent, advice):
+                for part in ("work", "data"):
+                    (scratch / part).mkdir(parents=True)
+                build(scratch / "work", scratch / "data")
             shutil.rmtree(folder, ignore_errors=True)  # without stats.json it is what an interrupted run left
             os.replace(scratch / "data", folder)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+def is_prepared(args: DataArguments, seed: int) -> bool:
+    """Whether the cache already holds the prepared data of these arguments (one source; a mixture says no)."""
+    if args.datasets:
+        return False
+    args = with_lccc_names(args)
+    _, path = locate_source(args)
+    return (cache_folder(args, seed, path) / STATS_FILE).is_file()
 
 
 def prepared_folder(args: DataArguments, seed: int) -> Path:

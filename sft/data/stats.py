@@ -1,7 +1,6 @@
 """What `stats.json` says about prepared samples: utterances per sample and, with a tokenizer, token lengths."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from datasets import Dataset
 from trl.data_utils import common_prefix_length
 
 from sft.data.pipeline import subset
+from sft.files import write_atomically
 
 STATS_FILE = "stats.json"
 
@@ -40,9 +40,7 @@ def summary(values: np.ndarray) -> dict:
 
 
 def write_stats(folder: Path, stats: dict) -> None:
-    partial = folder / f"{STATS_FILE}.tmp"
-    partial.write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(partial, folder / STATS_FILE)
+    write_atomically(folder / STATS_FILE, json.dumps(stats, indent=2, ensure_ascii=False))
 
 
 def token_counts(sample: dict, tokenizer) -> tuple[int, int, int, int]:

@@ -1,0 +1,152 @@
+"""The evaluation report: metric tables, the worst replies (loops, no stop), examples and loss curves."""
+
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DECODINGS = ("sampling", "greedy")
+METRIC_NAMES = {
+    "bleu_2": "BLEU-2",
+    "bleu_4": "BLEU-4",
+    "distinct_1": "Distinct-1",
+    "distinct_2": "Distinct-2",
+    "avg_len": "avg reply length (chars)",
+    "no_stop_rate": "never stopped (share)",
+    "loop_rate": "loops (share)",
+    "repeated_ngram_rate": "repeated 4-gram rate (mean)",
+    "replies_per_s": "replies/s",
+    "tokens_per_s": "generated tokens/s",
+}
+DIGITS = {"perplexity": 2, "bleu_2": 2, "bleu_4": 2, "avg_len": 1, "replies_per_s": 2, "tokens_per_s": 1}
+DEFINITIONS = (
+    "BLEU is sacrebleu's corpus BLEU at character level (0-100); Distinct-n is distinct/all character n-grams over "
+    "all replies. A reply *never stopped* when it ran into max_new_tokens without the end-of-turn token; it *loops* "
+    "when one character 4-gram occurs 3 or more times in it (whitespace left out, overlaps counted); its repeated "
+    "4-gram rate is 1 - distinct/all of its character 4-grams. The headline metrics in `eval_report.json` are "
+    "those of the sampled replies, as in the LCCC paper."
+)
+
+
+def format_value(key: str, value: float) -> str:
+    return f"{value:.{DIGITS.get(key, 4)}f}"
+
+
+def metric_rows(report: dict) -> list[list[str]]:
+    """One row per metric and decoding: name, fine-tuned value, and the base value when compared."""
+    rows = [("perplexity (replies)", "perplexity", None)]
+    for decoding in DECODINGS:
+        rows += [(f"{name}, {decoding}", key, decoding) for key, name in METRIC_NAMES.items()]
+    blocks = [report, report["base"]] if report.get("base") else [report]
+    return [
+        [name, *(format_value(key, (block if decoding is None else block[decoding])[key]) for block in blocks)]
+        for name, key, decoding in rows
+        if key in (report if decoding is None else report[decoding])
+    ]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] + ["---:"] * (len(header) - 1), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def metrics_table(report: dict) -> str:
+    header = ["metric", "fine-tuned", "base"] if report.get("base") else ["metric", "value"]
+    return markdown_table(header, metric_rows(report))
+
+
+def knowledge_table(knowledge: dict) -> str:
+    rows = [
+        [task, f"{scores['fine-tuned']:.4f}", f"{scores['base']:.4f}", f"{scores['difference']:+.4f}"]
+        for task, scores in knowledge["accuracy"].items()
+    ]
+    return markdown_table(["task (accuracy)", "fine-tuned", "base", "difference"], rows)
+
+
+def show_context(messages: list[dict]) -> str:
+    return " / ".join(f"{m['role']}: {m['content']}" for m in messages if m["role"] != "system") or "(empty)"
+
+
+def worst_section(worst: list[dict]) -> list[str]:
+    """The replies that loop or never stopped, most repetitive first."""
+    lines = ["## Worst replies: loops and replies that never stopped", ""]
+    if not worst:
+        return lines + ["No reply looped or ran into max_new_tokens.", ""]
+    for entry in worst:
+        flags = [name for name, on in (("loops", entry["loops"]), ("never stopped", not entry["stopped"])) if on]
+        lines += [
+            f"- **{entry['model']}, {entry['decoding']}** ({', '.join(flags)}; repeated 4-gram rate "
+            f"{entry['repeated_ngram_rate']:.2f}, {entry['tokens']} tokens) after "
+            f"*{show_context(entry['context'])}*: {entry['reply'] or '(empty)'}"
+        ]
+    return lines + [""]
+
+
+def markdown_report(report: dict, num_examples: int) -> str:
+    settings = report["settings"]
+    lines = [
+        f"# Evaluation of `{report['model_path']}`",
+        "",
+        f"Base model `{report['base_model']}` (quantization: {settings['quantization']}), held-out "
+        f"`{settings['split']}` split of `{settings['dataset_name']}`: perplexity over the "
+        f"{'last reply' if settings['last_reply_only'] else 'replies'} of {settings['ppl_conversations']} "
+        f"conversations ({report['reply_tokens']} reply tokens), reply metrics on {settings['num_samples']} "
+        f"contexts, at most {settings['max_new_tokens']} new tokens, greedy and sampled (top_p {settings['top_p']}, "
+        f"temperature {settings['temperature']}, top_k {settings['top_k']}, seed {settings['seed']}), "
+        f"repetition_penalty {settings['repetition_penalty']}, no_repeat_ngram_size "
+        f"{settings['no_repeat_ngram_size']}, batches of {settings['batch_size']} prompts of similar length.",
+        "",
+        DEFINITIONS,
+        "",
+        metrics_table(report),
+        "",
+    ]
+    if report.get("knowledge"):
+        lines += ["## Knowledge check (lm-eval)", "", knowledge_table(report["knowledge"]), ""]
+    if report.get("loss_curves"):
+        lines += [f"![training and eval loss]({Path(report['loss_curves']).name})", ""]
+    lines += worst_section(report["worst"][:num_examples]) if num_examples else []
+    if report["samples"] and num_examples:
+        lines += ["## Examples", ""]
+    compared = "base" in report
+    for i, sample in enumerate(report["samples"][:num_examples], 1):
+        lines += [f"### {i}. {show_context(sample['context'])}", "", f"- reference: {sample['reference']}"]
+        replies = [("fine-tuned, greedy", "greedy"), ("fine-tuned, sampled", "sampled")]
+        if compared:
+            replies += [("base, greedy", "base_greedy"), ("base, sampled", "base_sampled")]
+        lines += [f"- {name}: {sample[key] or '(empty)'}" for name, key in replies]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_loss_curves(trainer_state: Path, output: Path) -> Path | None:
+    """Training and eval loss per step from `trainer_state.json`'s log history, as a PNG."""
+    if not trainer_state.is_file():
+        logger.info("no %s: no loss curves drawn", trainer_state.name)
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = json.loads(trainer_state.read_text(encoding="utf-8")).get("log_history", [])
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e]
+    if not train and not evals:
+        logger.info("%s logs no loss: no loss curves drawn", trainer_state)
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"Loss curves: {trainer_state.parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output)
+    plt.close(fig)
+    return output
