@@ -10,11 +10,17 @@ TINY_MODELS := build/tiny-llama/config.json build/tiny-qwen2_5/config.json build
 MODEL_PATH ?= output/smoke
 MERGED_DIR ?= $(MODEL_PATH)-merged
 SMOKE_OUTPUT := output/smoke
+GGUF_DIR ?= $(MODEL_PATH)-gguf
+# llama.cpp's GGUF converter, as vendored in this llama-cpp-python source release (PyPI is all CI can reach).
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CPP := build/llama.cpp
+CONVERTER := $(LLAMA_CPP)/convert_hf_to_gguf.py
+CONVERTER_FILES := convert_hf_to_gguf.py conversion gguf-py LICENSE
 LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) sft/run.py
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft plan data tiny-model eval chat serve merge test lint clean bench-data bench bench-gpu gpu-check
+.PHONY: help venv sft plan data tiny-model eval chat serve merge export-gguf export-setup test lint clean bench-data bench bench-gpu gpu-check
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
@@ -25,6 +31,7 @@ help:
 	@echo "make chat [MODEL_PATH=output/smoke]                             chat with it in the terminal"
 	@echo "make serve [MODEL_PATH=output/smoke] [ARGS='--port 8000']     OpenAI-compatible API + chat page on 127.0.0.1"
 	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]           merge the adapter into a standalone model"
+	@echo "make export-gguf [MODEL_PATH=output/smoke] [GGUF_DIR=...] [ARGS='--quantization q8_0']  GGUF + Ollama Modelfile"
 	@echo "make test                                                       run the test suite"
 	@echo "make lint                                                       ruff"
 	@echo "make tiny-model                                                 build the smoke runs' tiny models"
@@ -82,7 +89,26 @@ serve: $(VENV)/.installed $(MODEL_DEPS)
 merge: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft.merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
 
-test: $(VENV)/.installed $(TINY_MODELS)
+export-gguf: export-setup $(MODEL_DEPS)
+	$(PY) -m sft.export_gguf --model_path $(MODEL_PATH) --output_dir $(GGUF_DIR) $(ARGS)
+
+# The `export` extra of pyproject.toml and llama.cpp's converter (1-2 minutes, once).
+export-setup: $(VENV)/.export-installed $(CONVERTER)
+
+$(VENV)/.export-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[export]"
+	touch $@
+
+$(CONVERTER): | $(VENV)/.installed
+	rm -rf $(LLAMA_CPP) $(LLAMA_CPP).download && mkdir -p $(LLAMA_CPP).download
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) \
+		-d $(LLAMA_CPP).download
+	tar -xzf $(LLAMA_CPP).download/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP).download \
+		$(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,$(CONVERTER_FILES))
+	mv $(LLAMA_CPP).download/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(LLAMA_CPP)
+	rm -rf $(LLAMA_CPP).download
+
+test: $(VENV)/.installed $(TINY_MODELS) export-setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

@@ -82,15 +82,18 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
     return model(**batch).logits.float().cpu()
 
 
-def check_output_dir(output_dir: Path, model_path: Path, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, model_path: Path, overwrite: bool, marker: str = MERGE_INFO) -> None:
+    """Refuse to write into the run itself, or over anything but an earlier output of the same command (`marker`)."""
     if output_dir.resolve() == model_path.resolve():
-        raise UserError("--output_dir must differ from --model_path: the merged model would overwrite the adapter")
+        raise UserError("--output_dir must differ from --model_path: the output would overwrite the run")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return
     if not overwrite:
         raise UserError(f"{output_dir} exists and is not empty; choose another --output_dir or pass --overwrite")
-    if not (output_dir / MERGE_INFO).is_file():
-        raise UserError(f"--overwrite replaces only an earlier merge, and {output_dir} holds no {MERGE_INFO}")
+    if not (output_dir / marker).is_file():
+        raise UserError(
+            f"--overwrite replaces only an earlier output of this command, and {output_dir} holds no {marker}"
+        )
 
 
 def merge(model_path: str, output_dir: str, dtype=None, device=None, base_model=None, overwrite=False) -> dict:

