@@ -13,6 +13,7 @@ Ollama `Modelfile` whose TEMPLATE, SYSTEM and stop lines say the same as the run
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,8 @@ MODELFILE = "Modelfile"
 CONVERTER = ROOT / "build" / "llama.cpp" / "convert_hf_to_gguf.py"
 # The converter's own output types (`--outtype`), less `auto` and the ternary tq1_0/tq2_0 meant for BitNet models.
 QUANTIZATIONS = ("f16", "bf16", "q8_0", "f32")
+# The converter's message for a BPE tokenizer whose check-text hash is not in its list (get_vocab_base_pre).
+UNKNOWN_PRE_TOKENIZER = "BPE pre-tokenizer was not recognized"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class OllamaFormat:
     stops: tuple[str, ...]
 
 
+# What Qwen2.5's template writes as the system turn when a conversation has none.
+QWEN2_5_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# The lines Llama-3.1's template writes at the start of every system turn, with its default `date_string`.
+LLAMA3_1_KNOWLEDGE, LLAMA3_1_DATE = "Cutting Knowledge Date: December 2023", "26 Jul 2024"
 OLLAMA_FORMATS = (
     OllamaFormat(
         family="llama-2",
@@ -62,6 +69,30 @@ OLLAMA_FORMATS = (
             '{{ $first = false }}{{ else if eq .Role "assistant" }} {{ .Content }} </s>{{ end }}{{ end }}'
         ),
         stops=("</s>", "[INST]", "[/INST]", "<<SYS>>"),
+    ),
+    OllamaFormat(
+        family="qwen2.5",
+        matches=lambda template: "<|im_start|>" in template and QWEN2_5_DEFAULT_SYSTEM in template,
+        template=(
+            "<|im_start|>system\n{{ if .System }}{{ .System }}{{ else }}" + QWEN2_5_DEFAULT_SYSTEM + "{{ end }}"
+            '<|im_end|>\n{{ range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}'
+            "<|im_end|>\n{{ end }}{{ end }}<|im_start|>assistant\n"
+        ),
+        stops=("<|im_end|>", "<|im_start|>"),
+    ),
+    OllamaFormat(
+        family="llama-3.1",
+        matches=lambda template: (
+            "<|eot_id|>" in template and LLAMA3_1_KNOWLEDGE in template and f'"{LLAMA3_1_DATE}"' in template
+        ),
+        template=(
+            f"<|start_header_id|>system<|end_header_id|>\n\n{LLAMA3_1_KNOWLEDGE}\nToday Date: {LLAMA3_1_DATE}\n\n"
+            "{{ .System }}"
+            '<|eot_id|>{{ range .Messages }}{{ if ne .Role "system" }}<|start_header_id|>{{ .Role }}'
+            "<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+        stops=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
     ),
 )
 
@@ -130,6 +161,14 @@ def convert(model_dir: Path, outfile: Path, quantization: str, converter: Path) 
     command = [sys.executable, str(converter), str(model_dir), "--outfile", str(outfile), "--outtype", quantization]
     logger.info("converting %s to GGUF %s with %s", model_dir, quantization, converter)
     result = subprocess.run(command, capture_output=True, text=True)
+    if UNKNOWN_PRE_TOKENIZER in result.stderr:
+        check_hash = re.search(r"chkhsh:\s*([0-9a-f]+)", result.stderr)
+        raise UserError(
+            "llama.cpp's converter does not recognise this tokenizer: it identifies a byte-level BPE tokenizer by "
+            f"the hash of its tokens for a check text ({check_hash.group(1) if check_hash else 'unknown'}) and knows "
+            "only published ones (Llama-3/3.1 as llama-bpe, Qwen2/2.5 as qwen2), not a retrained tokenizer such as "
+            "the tiny smoke models'"
+        )
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         raise UserError(
@@ -160,6 +199,10 @@ def check_gguf(path: Path, tokenizer, chat_template: str) -> dict:
     for kind in ("bos", "eos"):
         token_id = metadata.get(f"tokenizer.ggml.{kind}_token_id")
         expected = getattr(tokenizer, f"{kind}_token")
+        if expected is None:  # Qwen2.5 has no begin-of-text token: llama.cpp must add none
+            if metadata.get(f"tokenizer.ggml.add_{kind}_token") is not False:
+                problems.append(f"llama.cpp would add a {kind} token the run does not have")
+            continue
         if token_id is None or token_id >= len(tokens) or tokens[token_id] != expected:
             problems.append(f"its {kind} token is not {expected!r}")
     if problems:

@@ -9,7 +9,9 @@ import gguf
 import pytest
 import torch
 from helpers import BIN, run_command
+from test_families import tiny_model_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.chat_template_utils import llama3_1_chat_template, llama3_chat_template, qwen2_5_chat_template
 
 import sft.export_gguf
 from sft.errors import UserError
@@ -186,11 +188,9 @@ def render_go_template(template: str, data: list[dict], tmp_path) -> list[str]:
     return result.stdout.split("\x00")[:-1]
 
 
-def test_modelfile_template_renders_conversations_as_the_runs_chat_template(exported, reference, tmp_path):
-    _, tokenizer = reference
-    fields = modelfile_fields(exported / "Modelfile")
-    assert fields["FROM"] == "./model-f16.gguf" and fields["SYSTEM"] == SYSTEM_PROMPT
-    assert tokenizer.eos_token in fields["stops"] and "[INST]" in fields["stops"]
+def assert_modelfile_renders_as_chat_template(fields: dict, tokenizer, tmp_path) -> None:
+    """Conversations through the Modelfile's TEMPLATE in Go are the run's chat template's prompts, and it stops."""
+    assert tokenizer.eos_token in fields["stops"]
     assert all(stop == tokenizer.eos_token or stop in tokenizer.chat_template for stop in fields["stops"])
     conversations = [*CONTEXTS, [{"role": "system", "content": SYSTEM_PROMPT}, *CONTEXTS[1]]]
     # Ollama passes the system prompt both as `.System` and as a leading system message.
@@ -199,7 +199,45 @@ def test_modelfile_template_renders_conversations_as_the_runs_chat_template(expo
     ]
     rendered = render_go_template(fields["TEMPLATE"], data, tmp_path)
     # llama.cpp adds the BOS itself (add_bos_token), so Ollama's prompt is the template's text after it.
-    assert [tokenizer.bos_token + text for text in rendered] == [render_prompt(tokenizer, c) for c in conversations]
+    assert [(tokenizer.bos_token or "") + text for text in rendered] == [
+        render_prompt(tokenizer, c) for c in conversations
+    ]
+
+
+def test_modelfile_template_renders_conversations_as_the_runs_chat_template(exported, reference, tmp_path):
+    _, tokenizer = reference
+    fields = modelfile_fields(exported / "Modelfile")
+    assert fields["FROM"] == "./model-f16.gguf" and fields["SYSTEM"] == SYSTEM_PROMPT
+    assert "[INST]" in fields["stops"]
+    assert_modelfile_renders_as_chat_template(fields, tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("family", "chat_format", "end_of_turn"),
+    [("qwen2_5", "qwen2.5", "<|im_end|>"), ("llama3", "llama-3.1", "<|eot_id|>")],
+)
+def test_qwen2_5_and_llama3_modelfiles_render_conversations_as_their_chat_templates(
+    family, chat_format, end_of_turn, tmp_path
+):
+    """The Modelfile the export writes for the family's smoke model (whose tokenizer llama.cpp refuses, see below)."""
+    tokenizer = read_run(str(tiny_model_of(family))).load_tokenizer()
+    fmt = sft.export_gguf.ollama_format(strip_generation_markers(tokenizer.chat_template))
+    (tmp_path / "Modelfile").write_text(sft.export_gguf.modelfile("model-f16.gguf", fmt, None), encoding="utf-8")
+    fields = modelfile_fields(tmp_path / "Modelfile")
+    assert fmt.family == chat_format and fields["stops"][0] == end_of_turn == tokenizer.eos_token
+    assert "SYSTEM" not in fields
+    assert_modelfile_renders_as_chat_template(fields, tokenizer, tmp_path)
+
+
+def test_a_tokenizer_llama_cpp_does_not_know_ends_with_one_error_line(converter, tmp_path, capsys):
+    """The converter knows byte-level BPE tokenizers by a hash of a check text's tokens: the tiny ones are unknown."""
+    argv = ["--model_path", str(tiny_model_of("llama3")), "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        sft.export_gguf.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: llama.cpp's converter does not recognise this tokenizer")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_inputs_end_with_one_error_line_and_leave_nothing(exported, converter, tiny_model, tmp_path, capsys):
@@ -224,7 +262,10 @@ def test_bad_inputs_end_with_one_error_line_and_leave_nothing(exported, converte
     assert sorted(p.name for p in exported.iterdir()) == before
 
 
-def test_a_chat_format_without_an_ollama_template_is_refused_before_any_work():
+def test_official_templates_have_their_ollama_format_and_others_are_refused_before_any_work():
+    assert sft.export_gguf.ollama_format(qwen2_5_chat_template).family == "qwen2.5"
+    assert sft.export_gguf.ollama_format(llama3_1_chat_template).family == "llama-3.1"
     chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    with pytest.raises(UserError, match="no Ollama template for this run's chat template"):
-        sft.export_gguf.ollama_format(chatml)
+    for template in (chatml, llama3_chat_template):  # no Qwen default system turn; Llama-3.0 writes no date lines
+        with pytest.raises(UserError, match="no Ollama template for this run's chat template"):
+            sft.export_gguf.ollama_format(template)
