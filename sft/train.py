@@ -285,6 +285,7 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
             trainer.state.save_to_json(str(staging / "trainer_state.json"))
             save_generation_config(staging, GenerationArguments(), trainer.processing_class)  # eval/chat/serve defaults
             publish_final_outputs(staging, output_dir, summary)
+    if state.is_main_process:
         logger.info("run finished: adapter and run_summary.json in %s", output_dir)
     state.wait_for_everyone()  # every rank exits only after rank 0 has published the results
     trainer.accelerator.end_training()

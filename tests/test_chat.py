@@ -1,5 +1,6 @@
 """`sft.chat`: streamed replies, kept and trimmed history, /reset and /exit, driven through stdin and --message."""
 
+import dataclasses
 import io
 import sys
 
@@ -133,4 +134,10 @@ def test_chat_starts_from_the_generation_settings_saved_with_the_run(smoke_run, 
     from_file = main(["--model_path", str(run), "--message", "你好"])
     flags = ["--max_new_tokens", "4", "--temperature", "1.5", "--top_k", "5", "--repetition_penalty", "1.2"]
     assert from_file == main(["--model_path", str(smoke_run), "--message", "你好", *flags])
-    assert from_file[0]  # sampled hot, four tokens: some text
+    from sft.chat import ChatArguments
+    from sft.inference import parse_generating_command
+
+    *_, settings = parse_generating_command(ChatArguments, ["--model_path", str(run)], prog="chat")
+    assert settings == dataclasses.replace(saved, seed=None)
+    *_, settings = parse_generating_command(ChatArguments, ["--model_path", str(run), "--top_k", "9"], prog="chat")
+    assert (settings.top_k, settings.max_new_tokens) == (9, 4)  # a flag wins over the file; the rest stays

@@ -216,7 +216,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tiny
 
 
 SIGNAL_ONE_RANK = """
-import os, signal
+import os, signal, sys
+from pathlib import Path
 from accelerate import Accelerator
 from transformers import TrainerControl
 from sft.checkpoints import StopOnSignal
@@ -230,7 +231,8 @@ for step in range(1, 5):
     stopper.on_step_end(None, None, control)
     if control.should_training_stop:
         break
-print(f"rank {accelerator.process_index}: stopped at step {step}, save {control.should_save}, got {stopper.received}")
+report = f"rank {accelerator.process_index}: stopped at step {step}, save {control.should_save}, got {stopper.received}"
+Path(sys.argv[1], f"rank{accelerator.process_index}.txt").write_text(report)  # one file each: no interleaved output
 """
 
 
@@ -239,9 +241,9 @@ def test_the_real_cross_rank_check_stops_both_ranks_when_one_got_the_signal(tmp_
     never got a signal, yet it stops at the same step as rank 1, and no rank stopped before the signal."""
     script = tmp_path / "signal_one_rank.py"
     script.write_text(SIGNAL_ONE_RANK)
-    result = run_command([*TWO_PROCESSES[:-1], str(script)], env={"PYTHONPATH": str(ROOT)}, timeout=180)
+    result = run_command([*TWO_PROCESSES[:-1], str(script), str(tmp_path)], env={"PYTHONPATH": str(ROOT)}, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    lines = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert lines == [
         "rank 0: stopped at step 3, save True, got None",
         f"rank 1: stopped at step 3, save True, got {int(signal.SIGTERM)}",
