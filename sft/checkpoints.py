@@ -127,6 +127,15 @@ def damaged_file(checkpoint: Path) -> tuple[str, str] | None:
     return None
 
 
+def unused_name(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ... where an earlier one is taken (a damaged copy from an earlier incident)."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
+
+
 def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint whose files all read back; newer damaged ones are set aside, never deleted."""
     damaged = []
@@ -134,8 +143,9 @@ def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
         problem = damaged_file(checkpoint)
         if problem is None:
             for bad in damaged:  # resuming here would save over them: keep them under another name
-                os.replace(bad, bad.with_name(f"damaged-{bad.name}"))
-                logger.warning("kept the damaged %s as %s", bad.name, bad.with_name(f"damaged-{bad.name}"))
+                kept = unused_name(bad.with_name(f"damaged-{bad.name}"))
+                os.replace(bad, kept)
+                logger.warning("kept the damaged %s as %s", bad.name, kept)
             return checkpoint
         logger.warning("%s cannot be loaded: %s is damaged (%s); trying the previous checkpoint", checkpoint, *problem)
         damaged.append(checkpoint)

@@ -146,7 +146,8 @@ def parse_arguments(
     from_file, args = take_recipe(list(argv))
     recipe = {**(recipe or {}), **from_file}
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
-    options = {name[2:].replace("-", "_") for action in parser._actions for name in action.option_strings}
+    # every spelling of an option (`--no_x` too) -> the field it sets
+    options = {name[2:].replace("-", "_"): action.dest for action in parser._actions for name in action.option_strings}
     values = {}
     for key, value in recipe.items():
         if key in actions:
@@ -165,5 +166,5 @@ def parse_arguments(
         raise UserError(f"invalid value: {invalid_value_message(err)}") from None
     if unused:
         raise UserError(f"could not use these command-line words: {' '.join(unused)}")
-    chosen = list(dict.fromkeys([*(key for key in recipe if key in actions), *flags]))
+    chosen = list(dict.fromkeys([*(key for key in recipe if key in actions), *(options[flag] for flag in flags)]))
     return Parsed(values=tuple(parsed), chosen=chosen)

@@ -27,7 +27,7 @@ from sft.cli import parse_arguments
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 from sft.inference import ROOT, quiet_library_noise, read_run
 from sft.merge import MergeArguments, check_output_dir, merge
-from sft.template import is_llama2_chat_template, strip_generation_markers
+from sft.template import inference_chat_template, is_llama2_chat_template
 
 logger = logging.getLogger(__name__)
 EXPORT_INFO = "export_info.json"
@@ -217,7 +217,7 @@ def export(args: ExportArguments) -> dict:
     out = Path(args.output_dir or f"{str(args.model_path).rstrip('/')}-gguf")
     check_output_dir(out, run.model_path, args.overwrite, EXPORT_INFO)
     tokenizer = run.load_tokenizer()
-    chat_template = strip_generation_markers(tokenizer.chat_template)
+    chat_template = inference_chat_template(tokenizer.chat_template)  # what the merge writes and the GGUF carries
     fmt = ollama_format(chat_template)
     system_prompt = run.recipe.get("system_prompt") if args.system_prompt is None else args.system_prompt
     gguf_name = f"model-{quantization}.gguf"

@@ -1,5 +1,6 @@
 """The held-out conversations a run is evaluated on, and perplexity over their replies."""
 
+import dataclasses
 import math
 
 import torch
@@ -70,9 +71,10 @@ def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str, dict
     from sft.inference import resolve_local
 
     data = run.data
-    if args.dataset_name:
-        data = data or DataArguments()
-        data.dataset_name = resolve_local(args.dataset_name)
+    if args.dataset_name:  # this data instead of the recipe's source or mixture
+        data = dataclasses.replace(
+            data or DataArguments(), dataset_name=resolve_local(args.dataset_name), datasets=None
+        )
     if data is None:
         raise UserError(
             f"{run.model_path} has no recipe.yaml naming the training data; give the data with --dataset_name"

@@ -24,7 +24,7 @@ from sft.cli import parse_arguments
 from sft.config import RECIPE_FILE
 from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 from sft.files import reporting_full_disk, write_atomically
-from sft.generation import GENERATION_CONFIG
+from sft.generation import load_generation_defaults, save_generation_config
 from sft.inference import (
     MERGE_INFO,
     default_device,
@@ -36,7 +36,7 @@ from sft.inference import (
 )
 
 logger = logging.getLogger(__name__)
-COPIED_FILES = (RECIPE_FILE, "trainer_state.json", FINISHED_MARKER, GENERATION_CONFIG)  # ours over the base's
+COPIED_FILES = (RECIPE_FILE, "trainer_state.json", FINISHED_MARKER)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 PROBE = [{"role": "user", "content": "你好，最近怎么样？"}]
 
@@ -147,6 +147,8 @@ def merge(model_path: str, output_dir: str, dtype=None, device=None, base_model=
             tokenizer.chat_template = inference_chat_template(tokenizer.chat_template)
             tokenizer.padding_side = "left"
             tokenizer.save_pretrained(staging)
+            # the run's settings over the base's, so the merged model is evaluated and served as the run was
+            save_generation_config(staging, load_generation_defaults(run.model_path), tokenizer)
             for name in COPIED_FILES:
                 if (run.model_path / name).is_file():
                     shutil.copy2(run.model_path / name, staging / name)

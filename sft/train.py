@@ -192,8 +192,9 @@ def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss:
         "supervised_tokens": supervised,
         "supervised_tokens_per_rank": counts[:, 2].tolist(),
         "padding_share": round(1 - train_tokens / slots, 4) if slots else 0.0,
-        "tokens_per_second": round(train_tokens / train_runtime_s, 2),
-        "supervised_tokens_per_second": round(supervised / train_runtime_s, 2),
+        # a rerun that resumes from the final checkpoint trains no step: no time, no speed
+        "tokens_per_second": round(train_tokens / train_runtime_s, 2) if train_runtime_s > 0 else 0.0,
+        "supervised_tokens_per_second": round(supervised / train_runtime_s, 2) if train_runtime_s > 0 else 0.0,
         "peak_memory_mb": round(memory["allocated"] / 2**20, 1),
         "peak_memory_reserved_mb": round(memory["reserved"] / 2**20, 1),
         "paged_optimizer_mb": round(memory["paged_optimizer"] / 2**20, 1),

@@ -85,6 +85,12 @@ def test_the_launcher_stops_with_one_line_and_exit_code_2(tmp_path):
     )
 
 
+def test_a_negated_flag_sets_its_field_and_is_recorded_under_it():
+    recipe = parse_recipe(["--config", str(SMOKE_RECIPE), "--no_remove_unused_columns"])
+    assert recipe.training.remove_unused_columns is False
+    assert recipe.resolved["remove_unused_columns"] is False and "no_remove_unused_columns" not in recipe.resolved
+
+
 def test_run_controls_are_not_part_of_the_recorded_recipe():
     recipe = parse_recipe(["--config", str(SMOKE_RECIPE), "--overwrite_output_dir", "true", "--seed", "7"])
     assert recipe.run.overwrite_output_dir is True

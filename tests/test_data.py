@@ -4,6 +4,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import sys
 from unittest import mock
 
@@ -319,6 +320,13 @@ def test_real_lccc_sample_end_to_end(tmp_path, lccc_file):
 
 
 # --- The cache ----------------------------------------------------------------------------------------------------
+
+
+def test_the_trainers_tokenization_caches_are_not_taken_for_splits(tmp_path):
+    path = write_text(tmp_path / "d.jsonl", jsonl(make_dialogues()))
+    folder = prepared_folder(DataArguments(dataset_name=str(path), processed_dir=str(tmp_path / "processed")), 42)
+    shutil.copy(folder / "train.arrow", folder / "cache-0123abcd.arrow")  # as datasets writes when SFTTrainer maps
+    assert list(load_prepared(folder)) == ["train", "validation", "test"]
 
 
 def test_prepared_data_is_reused_until_an_argument_or_the_source_changes(tmp_path):

@@ -16,7 +16,7 @@ from trl.chat_template_utils import llama3_1_chat_template, llama3_chat_template
 import sft.export_gguf
 from sft.errors import UserError
 from sft.inference import encode_prompt, load_model, read_run, render_prompt
-from sft.template import strip_generation_markers
+from sft.template import inference_chat_template
 
 SYSTEM_PROMPT = "你是一个友好的聊天机器人。"
 CONTEXTS = [
@@ -137,7 +137,7 @@ def test_gguf_holds_every_tensor_the_template_and_the_special_tokens(exported, r
     assert {t.tensor_type.name for t in tensors.values() if len(t.shape) == 2} == {"F16"}
 
     template = metadata["tokenizer.chat_template"]
-    assert template == strip_generation_markers(tokenizer.chat_template) and "generation" not in template
+    assert template == inference_chat_template(tokenizer.chat_template) and "generation" not in template
     tokens = metadata["tokenizer.ggml.tokens"]
     assert tokens == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     assert tokens[metadata["tokenizer.ggml.bos_token_id"]] == tokenizer.bos_token == "<s>"
@@ -221,7 +221,7 @@ def test_qwen2_5_and_llama3_modelfiles_render_conversations_as_their_chat_templa
 ):
     """The Modelfile the export writes for the family's smoke model (whose tokenizer llama.cpp refuses, see below)."""
     tokenizer = read_run(str(tiny_model_of(family))).load_tokenizer()
-    fmt = sft.export_gguf.ollama_format(strip_generation_markers(tokenizer.chat_template))
+    fmt = sft.export_gguf.ollama_format(inference_chat_template(tokenizer.chat_template))
     (tmp_path / "Modelfile").write_text(sft.export_gguf.modelfile("model-f16.gguf", fmt, None), encoding="utf-8")
     fields = modelfile_fields(tmp_path / "Modelfile")
     assert fmt.family == chat_format and fields["stops"][0] == end_of_turn == tokenizer.eos_token
@@ -266,7 +266,7 @@ def test_a_run_without_a_bos_token_needs_a_gguf_that_adds_none(tmp_path):
     """Qwen2.5 has no BOS: the converter writes `<|endoftext|>` as bos_token_id (config.json) with add_bos_token
     false (ByteLevel post-processor); only a GGUF that would prepend it is refused. Metadata as the converter writes."""
     tokenizer = read_run(str(tiny_model_of("qwen2_5"))).load_tokenizer()
-    template = strip_generation_markers(tokenizer.chat_template)
+    template = inference_chat_template(tokenizer.chat_template)
     for add_bos in (False, True):
         path = tmp_path / f"add-bos-{add_bos}.gguf"
         writer = gguf.GGUFWriter(path, "qwen2")

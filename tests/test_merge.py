@@ -49,6 +49,12 @@ def test_merged_folder_is_a_standalone_safetensors_model(merged):
     assert json.loads((merged / "config.json").read_text())["dtype"] == "float32"
 
 
+def test_the_merged_model_keeps_the_runs_generation_settings(smoke_run, merged):
+    from sft.generation import load_generation_defaults
+
+    assert load_generation_defaults(merged) == load_generation_defaults(smoke_run)
+
+
 def test_merged_logits_match_base_plus_adapter(smoke_run, merged):
     run = read_run(str(smoke_run))
     tokenizer = run.load_tokenizer()

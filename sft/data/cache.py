@@ -132,7 +132,8 @@ def prepared_folder(args: DataArguments, seed: int) -> Path:
 def load_prepared(folder: Path) -> DatasetDict:
     """The splits of a cache folder, memory-mapped: train, validation, test, and a mixture's per-source
     `validation-<label>` and `test-<label>`."""
-    names = [*SPLITS, *sorted(path.stem for path in folder.glob("*-*.arrow"))]
+    held_out = [path.stem for split in SPLITS[1:] for path in folder.glob(f"{split}-*.arrow")]  # not datasets' cache-*
+    names = [*SPLITS, *sorted(held_out)]
     return DatasetDict({name: Dataset.from_file(str(folder / f"{name}.arrow")) for name in names})
 
 
