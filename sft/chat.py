@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TextStreamer
 
-from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
+from sft.errors import UserError, exits_cleanly_on_user_error
 from sft.generation import GenerationArguments, generation_kwargs
 from sft.inference import (
     default_device,
     encode_prompt,
     load_model,
     parse_generating_command,
-    quiet_library_noise,
     read_run,
     render_prompt,
+    start_command_logging,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     )
     if args.message is not None and not all(m.strip() for m in args.message):
         raise UserError("--message must not be empty")
-    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
-    quiet_library_noise()
+    start_command_logging()
     from transformers import set_seed
 
     run = read_run(where.model_path, where.base_model)

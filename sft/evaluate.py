@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft.batch_generation import generate_replies
-from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
+from sft.errors import UserError, exits_cleanly_on_user_error
 from sft.eval_report import DECODINGS, markdown_report, metrics_table, plot_loss_curves
 from sft.files import write_atomically
 from sft.generation import (
@@ -42,8 +42,8 @@ from sft.inference import (
     load_model,
     parse_generating_command,
     quantization_label,
-    quiet_library_noise,
     read_run,
+    start_command_logging,
 )
 from sft.metrics import score_replies
 
@@ -266,8 +266,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     where, args, generation = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
-    quiet_library_noise()
+    start_command_logging()
     report = evaluate(where, args, generation)
     print(metrics_table(report))
     return report

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft.cli import parse_arguments
-from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
-from sft.inference import ROOT, quiet_library_noise, read_run
+from sft.errors import UserError, exits_cleanly_on_user_error
+from sft.inference import ROOT, read_run, start_command_logging
 from sft.merge import MergeArguments, check_output_dir, merge
 from sft.template import inference_chat_template, is_llama2_chat_template
 
@@ -261,8 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_arguments(
         (ExportArguments,), sys.argv[1:] if argv is None else argv, prog="python -m sft.export_gguf"
     ).values
-    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
-    quiet_library_noise()
+    start_command_logging()
     info = export(args)
     print(f"GGUF {info['quantization']} ({info['bytes'] / 1e6:.1f} MB) and Modelfile written to {info['output_dir']}")
     return info

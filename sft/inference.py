@@ -16,7 +16,7 @@ from trl import ModelConfig
 
 from sft.cli import parse_arguments, read_recipe_file
 from sft.config import RECIPE_FILE, DataArguments, training_default
-from sft.errors import UserError
+from sft.errors import LOG_FORMAT, UserError
 from sft.generation import GenerationArguments, chosen_settings, load_generation_defaults
 
 logger = logging.getLogger(__name__)
@@ -159,8 +159,10 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
     )
 
 
-def quiet_library_noise() -> None:
-    """Keep the command's output to what matters: peft's deprecation notice and matplotlib's font log go."""
+def start_command_logging() -> None:
+    """INFO logs in the project's format, and only what matters: peft's deprecation notice and matplotlib's font
+    log go."""
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 

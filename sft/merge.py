@@ -22,7 +22,7 @@ import torch
 from sft.checkpoints import FINISHED_MARKER
 from sft.cli import parse_arguments
 from sft.config import RECIPE_FILE
-from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
+from sft.errors import UserError, exits_cleanly_on_user_error
 from sft.files import reporting_full_disk, write_atomically
 from sft.generation import load_generation_defaults, save_generation_config
 from sft.inference import (
@@ -30,8 +30,8 @@ from sft.inference import (
     default_device,
     load_base,
     quantization_label,
-    quiet_library_noise,
     read_run,
+    start_command_logging,
     torch_dtype,
 )
 
@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_arguments(
         (MergeArguments,), sys.argv[1:] if argv is None else argv, prog="python -m sft.merge"
     ).values
-    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
-    quiet_library_noise()
+    start_command_logging()
     output_dir = args.output_dir or f"{str(args.model_path).rstrip('/')}-merged"
     info = merge(args.model_path, output_dir, args.dtype, args.device, args.base_model, args.overwrite)
     print(f"merged model ({info['dtype']}) written to {output_dir}")

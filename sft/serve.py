@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
 
 from sft.chat import context_window
-from sft.errors import LOG_FORMAT, exits_cleanly_on_user_error
+from sft.errors import exits_cleanly_on_user_error
 from sft.generation import GenerationArguments, generation_kwargs
 from sft.inference import (
     TrainedModelArguments,
@@ -32,9 +32,9 @@ from sft.inference import (
     encode_prompt,
     load_model,
     parse_generating_command,
-    quiet_library_noise,
     read_run,
     render_prompt,
+    start_command_logging,
 )
 from sft.serve_api import ApiError, ChatCompletionRequest, add_error_handlers
 from sft.serve_generation import Generator, Reply
@@ -223,8 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     where, options, settings = parse_generating_command(
         ServeArguments, sys.argv[1:] if argv is None else argv, prog="python -m sft.serve"
     )
-    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
-    quiet_library_noise()
+    start_command_logging()
     service = load_service(where, options, settings)
     served = " and ".join(f"`{i}`" for i in (service.tuned_id, service.base_id) if i)
     key = ", API key required" if service.api_key else ""
