@@ -20,7 +20,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft plan data tiny-model eval chat serve merge export-gguf export-setup test lint clean bench-data bench bench-gpu gpu-check
+.PHONY: help venv sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
@@ -32,7 +32,8 @@ help:
 	@echo "make serve [MODEL_PATH=output/smoke] [ARGS='--port 8000']     OpenAI-compatible API + chat page on 127.0.0.1"
 	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]           merge the adapter into a standalone model"
 	@echo "make export-gguf [MODEL_PATH=output/smoke] [GGUF_DIR=...] [ARGS='--quantization q8_0']  GGUF + Ollama Modelfile"
-	@echo "make test                                                       run the test suite"
+	@echo "make test                                                       run the whole test suite"
+	@echo "make test-fast                                                  its quick tier (no training run, server or browser)"
 	@echo "make lint                                                       ruff"
 	@echo "make tiny-model                                                 build the smoke runs' tiny models"
 	@echo "make bench-data [ARGS='--dialogues 1000000']                    time data preparation on synthetic LCCC"
@@ -51,7 +52,7 @@ $(VENV)/.installed: pyproject.toml
 tiny-model: $(TINY_MODELS)
 
 build/tiny-%/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample.json
-	$(PY) -m sft.tiny --family $* --output_dir build/tiny-$*
+	$(PY) -m sft tiny --family $* --output_dir build/tiny-$*
 
 sft: $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config $(RECIPE) $(ARGS)
@@ -60,37 +61,37 @@ plan: $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config $(RECIPE) --dry_run true $(ARGS)
 
 data: $(VENV)/.installed $(TINY_MODELS)
-	$(PY) -m sft.data --config $(RECIPE) $(ARGS)
+	$(PY) -m sft data --config $(RECIPE) $(ARGS)
 
 bench-data: $(VENV)/.installed
-	$(PY) benchmarks/bench_data.py $(ARGS)
+	$(PY) -m benchmarks.bench_data $(ARGS)
 
 bench: $(VENV)/.installed $(TINY_MODELS)
-	$(PY) benchmarks/bench_speed.py $(ARGS)
+	$(PY) -m benchmarks.bench_speed $(ARGS)
 
 bench-gpu: $(VENV)/.installed
-	$(PY) benchmarks/bench_gpu.py $(ARGS)
+	$(PY) -m benchmarks.bench_gpu $(ARGS)
 
 gpu-check: $(VENV)/.installed $(TINY_MODELS)
-	$(PY) benchmarks/gpu_check.py $(ARGS)
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 $(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config recipes/smoke.yaml
 
 eval: $(VENV)/.installed $(MODEL_DEPS)
-	$(PY) -m sft.evaluate --model_path $(MODEL_PATH) $(ARGS)
+	$(PY) -m sft eval --model_path $(MODEL_PATH) $(ARGS)
 
 chat: $(VENV)/.installed $(MODEL_DEPS)
-	$(PY) -m sft.chat --model_path $(MODEL_PATH) $(ARGS)
+	$(PY) -m sft chat --model_path $(MODEL_PATH) $(ARGS)
 
 serve: $(VENV)/.installed $(MODEL_DEPS)
-	$(PY) -m sft.serve --model_path $(MODEL_PATH) $(ARGS)
+	$(PY) -m sft serve --model_path $(MODEL_PATH) $(ARGS)
 
 merge: $(VENV)/.installed $(MODEL_DEPS)
-	$(PY) -m sft.merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
+	$(PY) -m sft merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
 
 export-gguf: export-setup $(MODEL_DEPS)
-	$(PY) -m sft.export_gguf --model_path $(MODEL_PATH) --output_dir $(GGUF_DIR) $(ARGS)
+	$(PY) -m sft export-gguf --model_path $(MODEL_PATH) --output_dir $(GGUF_DIR) $(ARGS)
 
 # The `export` extra of pyproject.toml and llama.cpp's converter (1-2 minutes, once).
 export-setup: $(VENV)/.export-installed $(CONVERTER)
@@ -110,6 +111,10 @@ $(CONVERTER): | $(VENV)/.installed
 
 test: $(VENV)/.installed $(TINY_MODELS) export-setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick tier: no training run, server, browser or export (tests marked `slow` are left out).
+test-fast: $(VENV)/.installed $(TINY_MODELS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

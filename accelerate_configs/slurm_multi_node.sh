@@ -44,7 +44,7 @@ echo "nodes: $SLURM_JOB_NODELIST; main process: $MAIN_PROCESS_IP:$MAIN_PROCESS_P
 # SLURM_NODEID differs per node, so it is expanded inside each task (single quotes), not here.
 # --kill-on-bad-exit: a node whose launcher fails ends the job at once instead of leaving the others waiting on a
 # collective until NCCL's timeout. After SIGTERM a launcher may exit non-zero; the training processes pass a
-# barrier after rank 0 has written the checkpoint (sft/train.py), so no launcher exits while it is being written.
+# barrier after rank 0 has written the checkpoint (sft/train/trainer.py), so no launcher exits while it is being written.
 export RECIPE ACCELERATE_CONFIG VENV MAIN_PROCESS_IP MAIN_PROCESS_PORT NUM_PROCESSES
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
     exec "$VENV/bin/accelerate" launch --config_file "$ACCELERATE_CONFIG" \

@@ -1,6 +1,6 @@
 """Data preparation at scale: synthetic LCCC-like dialogues -> `python -m sft.data`, timed, with peak memory.
 
-    python benchmarks/bench_data.py --dialogues 1000000        # or `make bench-data`
+    python -m benchmarks.bench_data --dialogues 1000000        # or `make bench-data`
 
 Writes an LCCC JSON file of char-segmented dialogues (lengths distributed as in LCCC's sample, Latin words and
 digits mixed in, 1% duplicate dialogues, a few empty utterances), prepares it in a fresh cache folder while
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT
+
 HAN = (
     "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会家可下而过天去能对"
     "小多然于心学么之都好看起发当没成只如事把还用第样道想作种开美总从无情己面最女但现前些所同日手又行意动"

@@ -1,29 +1,25 @@
 """Evaluation's reply generation: batches by prompt length (today) against batches in data order (before).
 
-    python benchmarks/bench_eval_generation.py --model_path output/smoke [--num_samples 64] [--repeats 3]
+    python -m benchmarks.bench_eval_generation --model_path output/smoke [--num_samples 64] [--repeats 3]
 
 On a trained run's held-out contexts, generates the same replies greedily twice per round with each path, for
 the fine-tuned model and its base (adapter switched off), same batch size and max_new_tokens: (1) in data order,
-as `make eval` did before, (2) `sft.batch_generation.generate_replies`, sorted by prompt length. The fastest round
+as `make eval` did before, (2) `batch_generation.generate_replies`, sorted by prompt length. The fastest round
 of each counts. Prints a Markdown table and saves benchmarks/results/eval_generation.json.
 """
 
 import argparse
 import json
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from sft.batch_generation import generate_replies  # noqa: E402
-from sft.generation import generation_kwargs, load_generation_defaults  # noqa: E402
-from sft.held_out import held_out_conversations  # noqa: E402
-from sft.inference import encode_prompt, load_model, read_run, render_prompt  # noqa: E402
+from benchmarks.common import RESULTS
+from sft.common.generation import generation_kwargs, load_generation_defaults
+from sft.common.inference import encode_prompt, load_model, read_run, render_prompt
+from sft.evaluation.batch_generation import generate_replies
+from sft.evaluation.held_out import held_out_conversations
 
 
 @torch.no_grad()
@@ -75,7 +71,7 @@ def main() -> None:
         (before, old), (now, new) = best["data order (before)"], best["by length (now)"]
         rows.append({"model": label, "before_s": before, "now_s": now, "speedup": before / now, "same": old == new})
     result = {"settings": vars(args), "machine": platform.processor() or platform.machine(), "rows": rows}
-    out = ROOT / "benchmarks" / "results" / "eval_generation.json"
+    out = RESULTS / "eval_generation.json"
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print("| model | data order (before), s | by length (now), s | speed-up | same greedy replies |")
     print("|---|---:|---:|---:|---|")

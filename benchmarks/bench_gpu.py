@@ -1,7 +1,7 @@
 """QLoRA training speed of a Llama-2-7B-shaped model on one GPU: tokens/s, peak memory and MFU, offline.
 
-    python benchmarks/bench_gpu.py             # or `make bench-gpu`: a few minutes on one H200
-    python benchmarks/bench_gpu.py --small     # a scaled-down shape, on a CPU in about a minute (what the test runs;
+    python -m benchmarks.bench_gpu             # or `make bench-gpu`: a few minutes on one H200
+    python -m benchmarks.bench_gpu --small     # a scaled-down shape, on a CPU in about a minute (what the test runs;
                                                # also what runs where there is no GPU)
 
 Writes Llama-2-7B's exact shape (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocabulary 32000) with random
@@ -34,19 +34,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from transformers.utils import is_liger_kernel_available
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import RESULTS, ROOT, VARIANTS, Variant
+from sft.train.machine import attention_for, machine_facts
 
-from sft.machine import attention_for, machine_facts  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 LLAMA2_7B = {
     "hidden_size": 4096,
     "num_hidden_layers": 32,
@@ -69,33 +66,9 @@ REFERENCES = [
     {"name": "LLaMA-Factory reference: Hugging Face QLoRA 4-bit (A100, r=8)", "tokens_per_s": 2415, "memory_gb": 9},
     {"name": "LLaMA-Factory reference: unsloth QLoRA 4-bit (A100, r=8)", "tokens_per_s": 3726, "memory_gb": 7},
 ]
-PAD, BOS, EOS, FIRST_WORD = 0, 1, 2, 3
 FULL_SETTINGS = {"lengths": [1024, 2048], "batch_size": 4, "grad_accum": 2, "lora_r": 64, "warmup_steps": 2, "steps": 4}
 SMALL_SETTINGS = {"lengths": [64, 128], "batch_size": 2, "grad_accum": 1, "lora_r": 16, "warmup_steps": 1, "steps": 2}
 LLAMA_FACTORY = {"length": 1024, "batch_size": 4, "grad_accum": 2, "lora_r": 8}  # scaled by --small below
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One way of running the same training step."""
-
-    key: str
-    attention: str
-    checkpointing: bool
-    liger: bool = False
-    packing: bool = True
-
-
-VARIANTS = {
-    "sdpa": Variant("sdpa", "sdpa", checkpointing=True),
-    "sdpa-no-ckpt": Variant("sdpa-no-ckpt", "sdpa", checkpointing=False),
-    "fa2": Variant("fa2", "flash_attention_2", checkpointing=True),
-    "fa2-no-ckpt": Variant("fa2-no-ckpt", "flash_attention_2", checkpointing=False),
-    "fa2-liger": Variant("fa2-liger", "flash_attention_2", checkpointing=True, liger=True),
-    "sdpa-liger": Variant("sdpa-liger", "sdpa", checkpointing=True, liger=True),
-    "llamafactory-sdpa": Variant("llamafactory-sdpa", "sdpa", checkpointing=True, packing=False),
-    "llamafactory-fa2": Variant("llamafactory-fa2", "flash_attention_2", checkpointing=True, packing=False),
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def launcher_attention() -> str:
-    """What sft/plan.py picks for a bf16 run on this machine (one place for the rule: sft/machine.py)."""
+    """What sft/train/plan.py picks for a bf16 run on this machine (one place for the rule: sft/train/machine.py)."""
     return attention_for(machine_facts(), "bfloat16")
 
 
@@ -189,14 +162,6 @@ def flops_per_token(shape: dict, lora_r: int, attended_length: float) -> float:
     return 4 * frozen + 6 * lora + 12 * layers * hidden * attended_length
 
 
-def attended_length(lengths: list[int], row: int, attention: str, packing: bool) -> float:
-    """The token-weighted length of the attention really computed: each sequence's own under FlashAttention-2's
-    variable-length kernel, the whole packed row under SDPA."""
-    if packing and attention != "flash_attention_2":
-        return float(row)
-    return sum(n * n for n in lengths) / sum(lengths)
-
-
 def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
     """The accelerator's dense bf16 peak FLOP/s (TRL's table), or the override; None when unknown (no MFU then)."""
     from trl.trainer.utils import get_peak_flops
@@ -212,11 +177,17 @@ def one_gpu_env(environ: dict) -> dict:
 
 def run_cell(cell: dict, checkpoint: Path, shape: dict, args, timeout: float) -> dict:
     """One measurement in its own process; a crash, out of memory or timeout becomes the row's reason."""
-    command = [sys.executable, __file__, "--cell", json.dumps({**cell, "checkpoint": str(checkpoint)})]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_gpu",
+        "--cell",
+        json.dumps({**cell, "checkpoint": str(checkpoint)}),
+    ]
     command += ["--warmup_steps", str(args.warmup_steps), "--steps", str(args.steps)]
     try:
         env = one_gpu_env(dict(os.environ))
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"no result within {timeout:.0f} s"}
     if done.returncode != 0:

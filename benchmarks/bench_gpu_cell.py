@@ -16,8 +16,8 @@ from tokenizers import Tokenizer, models
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from benchmarks.bench_gpu import BOS, EOS, FIRST_WORD, PAD, VARIANTS, attended_length
-from sft.machine import peak_memory
+from benchmarks.common import BOS, EOS, FIRST_WORD, PAD, VARIANTS, attended_length
+from sft.train.machine import peak_memory
 
 
 def llama_config(shape: dict) -> LlamaConfig:

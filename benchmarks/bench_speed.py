@@ -1,7 +1,7 @@
 """CPU training speed: TRL's own `trl sft` CLI against our launcher, on the same model, data and settings.
 
-    python benchmarks/bench_speed.py              # or `make bench`: one round, about 2.5 minutes on 2 cores
-    python benchmarks/bench_speed.py --repeats 3  # three rounds, the fastest of each contender counts
+    python -m benchmarks.bench_speed              # or `make bench`: one round, about 2.5 minutes on 2 cores
+    python -m benchmarks.bench_speed --repeats 3  # three rounds, the fastest of each contender counts
 
 On the smoke model (build/tiny-llama) and the shared LCCC toy data (../shared/lccc/toy_data.json), runs in turn:
 (1) `trl sft` on the chat conversations our data module makes from that file, written as JSONL, with the smoke
@@ -31,18 +31,16 @@ from pathlib import Path
 import yaml
 from datasets import disable_progress_bars
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from sft.config import DataArguments, RunArguments, parse_recipe  # noqa: E402
-from sft.data import load_conversations  # noqa: E402
+from benchmarks.common import RESULTS, ROOT
+from sft.common.config import DataArguments, RunArguments, parse_recipe
+from sft.data import load_conversations
 
 TOY_DATA = ROOT.parent / "shared" / "lccc" / "toy_data.json"
 TINY_MODEL = ROOT / "build" / "tiny-llama"
-TEMPLATE = ROOT / "sft" / "templates" / "llama2_chat_training.jinja"
+TEMPLATE = ROOT / "sft" / "common" / "templates" / "llama2_chat_training.jinja"
 ACCELERATE_CONFIG = "accelerate_configs/single_gpu.yaml"
 SMOKE_RECIPE = "recipes/smoke.yaml"
-RESULTS = ROOT / "benchmarks" / "results" / "speed_cpu.json"
+RESULTS_FILE = RESULTS / "speed_cpu.json"
 OUR_KEYS = {f.name for f in fields(DataArguments)} | {f.name for f in fields(RunArguments)}
 PACKING = ["--packing", "true", "--packing_strategy", "bfd"]
 
@@ -52,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=512, help="training samples (one epoch); a multiple of 8")
     parser.add_argument("--data", type=Path, default=TOY_DATA, help="LCCC JSON file")
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench_speed")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=RESULTS_FILE)
     parser.add_argument("--repeats", type=int, default=1, help="rounds of all contenders; the fastest counts")
     return parser.parse_args(argv)
 

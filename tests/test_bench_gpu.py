@@ -15,13 +15,12 @@ from benchmarks import bench_gpu as bench_gpu_module
 from benchmarks.bench_gpu import (
     LLAMA2_7B,
     SMALL,
-    VARIANTS,
-    attended_length,
     flops_per_token,
     missing_for,
     one_gpu_env,
     peak_flops,
 )
+from benchmarks.common import VARIANTS, attended_length
 
 CPU = dataclasses.replace(H100, cuda=False, capability=None)
 
@@ -96,7 +95,7 @@ def test_gpu_check_runs_its_cpu_form_end_to_end(tiny_model, tmp_path):
     """`make gpu-check` without CUDA: a run stopped by SIGTERM resumes to its last step, and the benchmark rows of
     the packed launcher setting and LLaMA-Factory's setting are measured."""
     output = tmp_path / "gpu_check.json"
-    result = run_command([sys.executable, "benchmarks/gpu_check.py", "--output", str(output)], timeout=600)
+    result = run_command([sys.executable, "-m", "benchmarks.gpu_check", "--output", str(output)], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = json.loads(output.read_text())["steps"]
     resumed = steps["sigterm_then_resume"]

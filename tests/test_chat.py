@@ -1,4 +1,4 @@
-"""`sft.chat`: streamed replies, kept and trimmed history, /reset and /exit, driven through stdin and --message."""
+"""`lccc-sft chat`: streamed replies, kept and trimmed history, /reset and /exit, driven through stdin and --message."""
 
 import dataclasses
 import io
@@ -8,9 +8,9 @@ import pytest
 import transformers
 from helpers import run_command
 
-import sft.chat
-from sft.chat import ASSISTANT_PROMPT, ChatSession, MessageTooLong, interactive, main
-from sft.generation import GenerationArguments, generation_kwargs
+import sft.serving.chat
+from sft.common.generation import GenerationArguments, generation_kwargs
+from sft.serving.chat import ASSISTANT_PROMPT, ChatSession, MessageTooLong, interactive, main
 
 
 def session_for(trained_model, trained_tokenizer, max_context=1024, max_new_tokens=6, **kwargs):
@@ -66,7 +66,7 @@ def test_replies_stream_token_by_token(trained_model, trained_tokenizer, monkeyp
         def on_finalized_text(self, text, stream_end=False):
             pieces.append(text)
 
-    monkeypatch.setattr(sft.chat, "TextStreamer", RecordingStreamer)
+    monkeypatch.setattr(sft.serving.chat, "TextStreamer", RecordingStreamer)
     session = session_for(trained_model, trained_tokenizer, max_new_tokens=8)
     session.generation["min_new_tokens"] = 8
     reply = session.reply("你好")
@@ -125,8 +125,8 @@ def test_chat_flag_mistakes_are_one_line(smoke_run, capsys):
 def test_chat_starts_from_the_generation_settings_saved_with_the_run(smoke_run, tmp_path):
     import shutil
 
-    from sft.generation import save_generation_config
-    from sft.inference import read_run
+    from sft.common.generation import save_generation_config
+    from sft.common.inference import read_run
 
     run = shutil.copytree(smoke_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
     saved = GenerationArguments(max_new_tokens=4, temperature=1.5, top_k=5, repetition_penalty=1.2)
@@ -134,8 +134,8 @@ def test_chat_starts_from_the_generation_settings_saved_with_the_run(smoke_run, 
     from_file = main(["--model_path", str(run), "--message", "你好"])
     flags = ["--max_new_tokens", "4", "--temperature", "1.5", "--top_k", "5", "--repetition_penalty", "1.2"]
     assert from_file == main(["--model_path", str(smoke_run), "--message", "你好", *flags])
-    from sft.chat import ChatArguments
-    from sft.inference import parse_generating_command
+    from sft.common.inference import parse_generating_command
+    from sft.serving.chat import ChatArguments
 
     *_, settings = parse_generating_command(ChatArguments, ["--model_path", str(run)], prog="chat")
     assert settings == dataclasses.replace(saved, seed=None)

@@ -5,8 +5,8 @@ import os
 import pytest
 from helpers import SMOKE_RECIPE, run_command
 
-from sft.config import parse_recipe, save_resolved_recipe
-from sft.errors import UserError
+from sft.common.config import parse_recipe, save_resolved_recipe
+from sft.common.errors import UserError
 
 
 def write(tmp_path, text: str):

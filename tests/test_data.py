@@ -14,7 +14,9 @@ from datasets.exceptions import DatasetNotFoundError
 from helpers import reply_tokens, run_command
 from transformers import AutoTokenizer
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
+from sft.common.errors import UserError
+from sft.common.model import load_tokenizer
 from sft.data import (
     load_conversations,
     load_prepared,
@@ -29,8 +31,6 @@ from sft.data.__main__ import main
 from sft.data.clean import clean_utterances
 from sft.data.conversations import dialogue_samples
 from sft.data.stats import token_counts
-from sft.errors import UserError
-from sft.model import load_tokenizer
 
 
 def make_dialogues(count: int = 30) -> list[list[str]]:

@@ -15,7 +15,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from helpers import LAUNCH, ROOT, run_command, start_command, wait_for
 
-from sft.checkpoints import latest_complete_checkpoint
+from sft.train.checkpoints import latest_complete_checkpoint
 
 CONFIGS = ROOT / "accelerate_configs"
 TWO_PROCESSES = ["accelerate", "launch", "--quiet", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft/run.py"]
@@ -220,7 +220,7 @@ import os, signal, sys
 from pathlib import Path
 from accelerate import Accelerator
 from transformers import TrainerControl
-from sft.checkpoints import StopOnSignal
+from sft.train.checkpoints import StopOnSignal
 
 accelerator = Accelerator(cpu=True)
 stopper = StopOnSignal(accelerator)
@@ -252,9 +252,9 @@ def test_the_real_cross_rank_check_stops_both_ranks_when_one_got_the_signal(tmp_
 
 SAMPLES_PER_RANK = """
 import hashlib, json, sys
-from sft.config import parse_recipe
+from sft.common.config import parse_recipe
 from sft.data import load_conversations
-from sft.train import build_trainer
+from sft.train.trainer import build_trainer
 
 recipe = parse_recipe(sys.argv[1:])
 trainer = build_trainer(recipe, load_conversations(recipe.data, recipe.training.seed))

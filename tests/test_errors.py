@@ -7,9 +7,9 @@ from helpers import SMOKE_RECIPE
 from huggingface_hub.errors import GatedRepoError
 from transformers import AutoTokenizer
 
-from sft.errors import UserError
-from sft.run import main
-from sft.template import training_chat_template
+from sft.common.errors import UserError
+from sft.common.template import training_chat_template
+from sft.train.launch import main
 
 
 def run_main(capsys, *argv: str) -> str:
@@ -108,7 +108,7 @@ def test_bf16_on_hardware_without_it_suggests_alternatives(capsys):
 
 
 def test_cuda_out_of_memory_gives_the_faq_advice(capsys, monkeypatch, tiny_model, tmp_path):
-    from sft.train import CountingSFTTrainer
+    from sft.train.trainer import CountingSFTTrainer
 
     def out_of_memory(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -134,8 +134,8 @@ def test_template_that_cannot_be_marked_is_refused(tiny_model):
 
 
 def test_trust_remote_code_is_off_unless_asked_and_announced(caplog):
-    from sft.config import parse_recipe
-    from sft.model import model_init_kwargs
+    from sft.common.config import parse_recipe
+    from sft.common.model import model_init_kwargs
 
     recipe = parse_recipe(smoke())
     assert model_init_kwargs(recipe.model, recipe.training)["trust_remote_code"] is False
@@ -145,7 +145,7 @@ def test_trust_remote_code_is_off_unless_asked_and_announced(caplog):
 
 
 def test_the_smoke_model_not_built_yet_says_how_to_build_it(monkeypatch, tmp_path):
-    from sft.model import check_model_source
+    from sft.common.model import check_model_source
 
     monkeypatch.chdir(tmp_path)  # no build/ folder here
     with pytest.raises(UserError, match="make tiny-model"):

@@ -1,4 +1,4 @@
-"""`sft.evaluate`: reply-only perplexity, batched generation, generation settings saved with a run, reports."""
+"""`lccc-sft eval`: reply-only perplexity, batched generation, generation settings saved with a run, reports."""
 
 import json
 import math
@@ -8,11 +8,16 @@ import pytest
 import torch
 from helpers import run_command
 
-from sft.batch_generation import cut_at_end_of_turn, generate_replies
-from sft.evaluate import main
-from sft.generation import GENERATION_CONFIG, GenerationArguments, load_generation_defaults, save_generation_config
-from sft.held_out import reply_perplexity
-from sft.inference import encode_prompt, read_run, render_prompt
+from sft.common.generation import (
+    GENERATION_CONFIG,
+    GenerationArguments,
+    load_generation_defaults,
+    save_generation_config,
+)
+from sft.common.inference import encode_prompt, read_run, render_prompt
+from sft.evaluation.batch_generation import cut_at_end_of_turn, generate_replies
+from sft.evaluation.evaluate import main
+from sft.evaluation.held_out import reply_perplexity
 
 # --- Perplexity and generation on the smoke run's model. ---------------------------------------------------------
 

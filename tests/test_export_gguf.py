@@ -1,4 +1,4 @@
-"""`sft.export_gguf`: the smoke run as a GGUF that reads back, loads and answers like the merged model, with an
+"""`sft.export.gguf`: the smoke run as a GGUF that reads back, loads and answers like the merged model, with an
 Ollama Modelfile whose Go template renders conversations exactly as the run's chat template does."""
 
 import json
@@ -13,10 +13,10 @@ from test_families import tiny_model_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import llama3_1_chat_template, llama3_chat_template, qwen2_5_chat_template
 
-import sft.export_gguf
-from sft.errors import UserError
-from sft.inference import encode_prompt, load_model, read_run, render_prompt
-from sft.template import inference_chat_template
+import sft.export.gguf
+from sft.common.errors import UserError
+from sft.common.inference import encode_prompt, load_model, read_run, render_prompt
+from sft.common.template import inference_chat_template
 
 SYSTEM_PROMPT = "你是一个友好的聊天机器人。"
 CONTEXTS = [
@@ -78,18 +78,18 @@ func main() {
 @pytest.fixture(scope="module")
 def converter():
     """llama.cpp's converter and the `gguf` extra, set up on first use exactly as `make export-gguf` does."""
-    if not sft.export_gguf.CONVERTER.is_file():
+    if not sft.export.gguf.CONVERTER.is_file():
         result = run_command(["make", "export-setup", f"VENV={BIN.parent}"], timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
-    return sft.export_gguf.CONVERTER
+    return sft.export.gguf.CONVERTER
 
 
 def export(model_path, output_dir, *flags) -> dict:
     argv = ["--model_path", str(model_path), "--output_dir", str(output_dir), "--device", "cpu", *flags]
-    result = run_command(["python", "-m", "sft.export_gguf", *argv])
+    result = run_command(["python", "-m", "sft", "export-gguf", *argv])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"written to {output_dir}" in result.stdout
-    return json.loads((output_dir / sft.export_gguf.EXPORT_INFO).read_text())
+    return json.loads((output_dir / sft.export.gguf.EXPORT_INFO).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_gguf_holds_every_tensor_the_template_and_the_special_tokens(exported, r
     reader = gguf.GGUFReader(exported / "model-f16.gguf")
     model = AutoModelForCausalLM.from_pretrained(tiny_model)  # the merge changes values, never names or shapes
     weights = model.state_dict()
-    metadata = sft.export_gguf.read_gguf_metadata(exported / "model-f16.gguf")
+    metadata = sft.export.gguf.read_gguf_metadata(exported / "model-f16.gguf")
     arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[metadata["general.architecture"]]
     names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     expected = {names.get_name(name, try_suffixes=(".weight",)): tuple(w.shape) for name, w in weights.items()}
@@ -221,8 +221,8 @@ def test_qwen2_5_and_llama3_modelfiles_render_conversations_as_their_chat_templa
 ):
     """The Modelfile the export writes for the family's smoke model (whose tokenizer llama.cpp refuses, see below)."""
     tokenizer = read_run(str(tiny_model_of(family))).load_tokenizer()
-    fmt = sft.export_gguf.ollama_format(inference_chat_template(tokenizer.chat_template))
-    (tmp_path / "Modelfile").write_text(sft.export_gguf.modelfile("model-f16.gguf", fmt, None), encoding="utf-8")
+    fmt = sft.export.gguf.ollama_format(inference_chat_template(tokenizer.chat_template))
+    (tmp_path / "Modelfile").write_text(sft.export.gguf.modelfile("model-f16.gguf", fmt, None), encoding="utf-8")
     fields = modelfile_fields(tmp_path / "Modelfile")
     assert fmt.family == chat_format and fields["stops"][0] == end_of_turn == tokenizer.eos_token
     assert "SYSTEM" not in fields
@@ -233,7 +233,7 @@ def test_a_tokenizer_llama_cpp_does_not_know_ends_with_one_error_line(converter,
     """The converter knows byte-level BPE tokenizers by a hash of a check text's tokens: the tiny ones are unknown."""
     argv = ["--model_path", str(tiny_model_of("llama3")), "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
     with pytest.raises(SystemExit) as exit_info:
-        sft.export_gguf.main(argv)
+        sft.export.gguf.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: llama.cpp's converter does not recognise this tokenizer")
@@ -254,7 +254,7 @@ def test_bad_inputs_end_with_one_error_line_and_leave_nothing(exported, converte
         (["--model_path", str(broken), "--nope", "1"], "unknown option `--nope`"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            sft.export_gguf.main(argv)
+            sft.export.gguf.main(argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and err[-1].startswith("error: ")
@@ -281,15 +281,15 @@ def test_a_run_without_a_bos_token_needs_a_gguf_that_adds_none(tmp_path):
         writer.close()
         if add_bos:
             with pytest.raises(UserError, match="llama.cpp would add a bos token the run does not have"):
-                sft.export_gguf.check_gguf(path, tokenizer, template)
+                sft.export.gguf.check_gguf(path, tokenizer, template)
         else:
-            assert sft.export_gguf.check_gguf(path, tokenizer, template)["tokenizer.ggml.add_bos_token"] is False
+            assert sft.export.gguf.check_gguf(path, tokenizer, template)["tokenizer.ggml.add_bos_token"] is False
 
 
 def test_official_templates_have_their_ollama_format_and_others_are_refused_before_any_work():
-    assert sft.export_gguf.ollama_format(qwen2_5_chat_template).family == "qwen2.5"
-    assert sft.export_gguf.ollama_format(llama3_1_chat_template).family == "llama-3.1"
+    assert sft.export.gguf.ollama_format(qwen2_5_chat_template).family == "qwen2.5"
+    assert sft.export.gguf.ollama_format(llama3_1_chat_template).family == "llama-3.1"
     chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     for template in (chatml, llama3_chat_template):  # no Qwen default system turn; Llama-3.0 writes no date lines
         with pytest.raises(UserError, match="no Ollama template for this run's chat template"):
-            sft.export_gguf.ollama_format(template)
+            sft.export.gguf.ollama_format(template)

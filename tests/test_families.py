@@ -21,12 +21,12 @@ from trl.chat_template_utils import (
     qwen3_instruct_2507_training_chat_template,
 )
 
-from sft.config import parse_recipe
-from sft.errors import UserError
-from sft.model import TINY_MODEL_DIRS
-from sft.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
+from sft.common.config import parse_recipe
+from sft.common.errors import UserError
+from sft.common.model import TINY_MODEL_DIRS
+from sft.common.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
 from sft.tiny import BUILDERS, SAMPLE_DATA
-from sft.train import build_trainer
+from sft.train.trainer import build_trainer
 
 
 @dataclass
@@ -190,7 +190,7 @@ def test_the_smoke_run_learns(family_run):
 
 
 def test_eval_of_the_smoke_run(family_run, tmp_path):
-    from sft.evaluate import main
+    from sft.evaluation.evaluate import main
 
     main(
         ["--model_path", str(family_run), "--output_dir", str(tmp_path), "--num_samples", "2", "--max_new_tokens", "4"]
@@ -215,9 +215,9 @@ class EndTurnAt(LogitsProcessor):
 
 
 def test_chat_stops_at_the_end_of_turn_token(family, family_run):
-    from sft.chat import ChatSession
-    from sft.generation import GenerationArguments, generation_kwargs
-    from sft.inference import load_model, read_run
+    from sft.common.generation import GenerationArguments, generation_kwargs
+    from sft.common.inference import load_model, read_run
+    from sft.serving.chat import ChatSession
 
     run = read_run(str(family_run))
     tokenizer = run.load_tokenizer()
@@ -237,8 +237,8 @@ def test_chat_stops_at_the_end_of_turn_token(family, family_run):
 
 
 def test_merge_ships_the_official_template(family, family_run, tmp_path):
-    from sft.inference import read_run
-    from sft.merge import main
+    from sft.common.inference import read_run
+    from sft.export.merge import main
 
     merged = tmp_path / "merged"
     main(["--model_path", str(family_run), "--output_dir", str(merged)])

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from helpers import ROOT, run_command, start_command, wait_for
 
-from sft.checkpoints import checkpoint_to_resume, checkpoints, latest_complete_checkpoint
-from sft.config import DataArguments
+from sft.common.config import DataArguments
+from sft.common.errors import UserError
+from sft.common.files import is_disk_full, write_atomically
 from sft.data import load_conversations, prepared_folder
-from sft.errors import UserError
-from sft.files import is_disk_full, write_atomically
+from sft.train.checkpoints import checkpoint_to_resume, checkpoints, latest_complete_checkpoint
 
 RUN = ["python", "sft/run.py", "--config", "recipes/smoke.yaml", "--eval_strategy", "no", "--logging_steps", "1"]
 
@@ -221,7 +221,7 @@ def test_a_full_disk_while_preparing_data_leaves_no_half_written_cache(small_dis
 @pytest.mark.parametrize("small_disk", ["1m"], indirect=True)  # the merged tiny model takes ~5 MB
 def test_a_full_disk_while_merging_leaves_no_merged_folder(smoke_run, small_disk):
     output_dir = small_disk.path / "merged"
-    merge = ["python", "-m", "sft.merge", "--model_path", str(smoke_run), "--output_dir", str(output_dir)]
+    merge = ["python", "-m", "sft", "merge", "--model_path", str(smoke_run), "--output_dir", str(output_dir)]
     disk_full_error(merge, small_disk.path)
     assert list(small_disk.path.iterdir()) == [], "a half-written merge was left behind"
 
@@ -229,11 +229,11 @@ def test_a_full_disk_while_merging_leaves_no_merged_folder(smoke_run, small_disk
 def test_only_failed_writes_count_as_a_full_disk(tmp_path, monkeypatch):
     """On a nearly full disk torch's lost-errno write error is a full disk; a bug or a CUDA error is not."""
     torch_write_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-    monkeypatch.setattr("sft.files.free_bytes", lambda folder: 0)
+    monkeypatch.setattr("sft.common.files.free_bytes", lambda folder: 0)
     assert is_disk_full(torch_write_error, tmp_path)
     assert is_disk_full(OSError(errno.EIO, "Input/output error"), tmp_path)
     assert not is_disk_full(ValueError("a bug"), tmp_path)
     assert not is_disk_full(RuntimeError("CUDA error: an illegal memory access was encountered"), tmp_path)
-    monkeypatch.setattr("sft.files.free_bytes", lambda folder: 2**40)
+    monkeypatch.setattr("sft.common.files.free_bytes", lambda folder: 2**40)
     assert not is_disk_full(torch_write_error, tmp_path)
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
+from sft.common.errors import UserError
 from sft.data import load_prepared, prepared_folder, sources
 from sft.data.formats import alpaca_messages, sharegpt_messages
 from sft.data.records import MalformedRecord
-from sft.errors import UserError
 
 
 def user(text: str) -> dict:

@@ -10,10 +10,10 @@ import yaml
 from accelerate.utils import DistributedType
 from helpers import SMOKE_RECIPE, run_command
 
-from sft.config import parse_recipe
-from sft.dry_run import dry_run
-from sft.machine import Facts, attention_for, distributed_type_at_load, machine_facts
-from sft.plan import decide
+from sft.common.config import parse_recipe
+from sft.train.dry_run import dry_run
+from sft.train.machine import Facts, attention_for, distributed_type_at_load, machine_facts
+from sft.train.plan import decide
 
 ONE_GPU = Facts(
     cuda=True,
@@ -81,7 +81,7 @@ def test_a_t4_trains_in_fp16_not_emulated_bf16():
 @pytest.fixture(scope="module")
 def smoke_trainer(tiny_model, tmp_path_factory):
     from sft.data import load_conversations
-    from sft.train import build_trainer
+    from sft.train.trainer import build_trainer
 
     r = recipe("--output_dir", str(tmp_path_factory.mktemp("trainer")), "--eval_strategy", "no")
     return build_trainer(r, load_conversations(r.data, r.training.seed))
@@ -89,7 +89,7 @@ def smoke_trainer(tiny_model, tmp_path_factory):
 
 def test_fp16_runs_keep_the_lora_weights_in_fp32(smoke_trainer):
     """TRL casts the LoRA weights of a 4-bit model to bf16, which fp16's grad scaler cannot unscale."""
-    from sft.train import keep_lora_weights_in_fp32_under_fp16
+    from sft.train.trainer import keep_lora_weights_in_fp32_under_fp16
 
     trainable = [p for p in smoke_trainer.model.parameters() if p.requires_grad]
     assert {p.dtype for p in trainable} == {torch.bfloat16}  # TRL's cast, what fp16 cannot train
@@ -115,7 +115,7 @@ def test_counts_known_on_the_host_are_counted_there(smoke_trainer):
 
 
 def test_training_time_leaves_out_evaluation_and_saving(monkeypatch):
-    from sft import train as train_module
+    from sft.train import trainer as train_module
 
     now = iter([0.0, 1.0, 5.0, 6.0, 9.0, 10.0])  # begin, step, evaluation ends, step, save ends, step
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(now))

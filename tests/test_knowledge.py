@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sft.evaluate import main
+from sft.evaluation.evaluate import main
 
 pytest.importorskip("lm_eval", reason='the knowledge check needs the eval extra: pip install -e ".[eval]"')
 

@@ -1,4 +1,4 @@
-"""`sft.merge`: a standalone model whose logits match base + adapter, loadable by plain transformers without peft."""
+"""`lccc-sft merge`: a standalone model whose logits match base + adapter, loadable by plain transformers."""
 
 import json
 import shutil
@@ -8,8 +8,8 @@ import torch
 from helpers import run_command
 from transformers import AutoModelForCausalLM
 
-import sft.merge
-from sft.inference import encode_prompt, load_model, read_run, render_prompt
+import sft.export.merge
+from sft.common.inference import encode_prompt, load_model, read_run, render_prompt
 
 # Merged weights W + (alpha/r)·B·A in float32 against the unmerged W·x + (alpha/r)·B·(A·x): the two differ only by
 # float32 rounding, measured at about 4e-6 on logits of magnitude ~10 for the smoke model. 1e-4 leaves a wide margin
@@ -50,7 +50,7 @@ def test_merged_folder_is_a_standalone_safetensors_model(merged):
 
 
 def test_the_merged_model_keeps_the_runs_generation_settings(smoke_run, merged):
-    from sft.generation import load_generation_defaults
+    from sft.common.generation import load_generation_defaults
 
     assert load_generation_defaults(merged) == load_generation_defaults(smoke_run)
 
@@ -105,29 +105,29 @@ def test_merge_refuses_to_overwrite_the_adapter_or_merge_a_merged_model(smoke_ru
         (["--model_path", str(smoke_run), "--output_dir", str(smoke_run.parent), "--overwrite"], "only an earlier"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            sft.merge.main(argv)
+            sft.export.merge.main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
 
 
 def test_merge_dtype_half_on_gpu_own_dtype_on_cpu_or_for_float32(smoke_run, monkeypatch):
     run = read_run(str(smoke_run))  # the smoke base is float32, its recipe's dtype float32
-    assert sft.merge.merge_dtype(run, "cpu", None) == torch.float32
-    assert sft.merge.merge_dtype(run, "cuda", None) == torch.float32
-    assert sft.merge.merge_dtype(run, "cpu", "bfloat16") == torch.bfloat16
-    monkeypatch.setattr(sft.merge, "stored_dtype", lambda run: torch.float16)  # a Llama-2 checkpoint
-    assert sft.merge.merge_dtype(run, "cpu", None) == torch.float16
+    assert sft.export.merge.merge_dtype(run, "cpu", None) == torch.float32
+    assert sft.export.merge.merge_dtype(run, "cuda", None) == torch.float32
+    assert sft.export.merge.merge_dtype(run, "cpu", "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(sft.export.merge, "stored_dtype", lambda run: torch.float16)  # a Llama-2 checkpoint
+    assert sft.export.merge.merge_dtype(run, "cpu", None) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert sft.merge.merge_dtype(run, "cuda", None) == torch.bfloat16
+    assert sft.export.merge.merge_dtype(run, "cuda", None) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert sft.merge.merge_dtype(run, "cuda", None) == torch.float16
+    assert sft.export.merge.merge_dtype(run, "cuda", None) == torch.float16
 
 
 def test_overwrite_replaces_an_earlier_merge(smoke_run, merged, tmp_path):
     earlier = tmp_path / "earlier"
     shutil.copytree(merged, earlier)
     (earlier / "stale.txt").write_text("left from an earlier merge")
-    info = sft.merge.main(
+    info = sft.export.merge.main(
         ["--model_path", str(smoke_run), "--output_dir", str(earlier), "--overwrite", "--device", "cpu"]
     )
     assert not (earlier / "stale.txt").exists() and (earlier / "model.safetensors").is_file()

@@ -1,11 +1,11 @@
-"""The LCCC reply metrics, as the `evaluate` modules in sft/metrics compute them, on replies worked out by hand."""
+"""The LCCC reply metrics, as sft/evaluation/metrics' `evaluate` modules compute them, on replies worked out by hand."""
 
 import math
 
 import pytest
 import sacrebleu
 
-from sft.metrics import METRICS_DIR, load_metric, score_replies
+from sft.evaluation.metrics import METRICS_DIR, load_metric, score_replies
 
 
 def bleu(replies: list[str], references: list[str], order: int) -> float:

@@ -10,10 +10,10 @@ import pytest
 from datasets import Dataset
 from helpers import LAUNCH, run_command
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
+from sft.common.errors import UserError
 from sft.data import load_conversations, mixture
 from sft.data.mixture import data_folder, mix_train, mixed_sources, realised_shares
-from sft.errors import UserError
 
 ASSETS = "sft/assets"
 SMOKE_SOURCES = [
@@ -100,7 +100,7 @@ def test_the_original_names_are_lccc_in_a_mixture():
 
 
 def test_the_mixed_smoke_recipe_trains_with_eval_losses_per_source_and_evaluates_per_source(tiny_model, tmp_path):
-    from sft.evaluate import main as evaluate
+    from sft.evaluation.evaluate import main as evaluate
 
     output_dir = tmp_path / "out"
     tiny = ["--max_steps", "4", "--eval_steps", "2", "--save_steps", "4", "--max_length", "128"]

@@ -4,11 +4,11 @@ import pytest
 import torch
 from helpers import SMOKE_RECIPE
 
-from sft.config import parse_recipe
+from sft.common.config import parse_recipe
 from sft.data import load_conversations
-from sft.machine import machine_facts
-from sft.plan import keep_packed_sequences_apart
-from sft.train import build_trainer
+from sft.train.machine import machine_facts
+from sft.train.plan import keep_packed_sequences_apart
+from sft.train.trainer import build_trainer
 
 CPU = machine_facts(parse_recipe(["--config", str(SMOKE_RECIPE)]).training)
 

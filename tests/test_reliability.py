@@ -9,8 +9,8 @@ import pytest
 from helpers import run_command, start_command, wait_for
 from safetensors import safe_open
 
-from sft.checkpoints import checkpoint_to_resume, latest_complete_checkpoint
-from sft.errors import UserError
+from sft.common.errors import UserError
+from sft.train.checkpoints import checkpoint_to_resume, latest_complete_checkpoint
 
 RUN = ["python", "sft/run.py", "--config", "recipes/smoke.yaml", "--eval_strategy", "no", "--logging_steps", "1"]
 
@@ -131,7 +131,7 @@ def test_overwrite_never_empties_a_folder_that_holds_no_run(tmp_path):
 def test_a_hub_token_flag_is_masked_in_the_recorded_command_line(monkeypatch):
     from types import SimpleNamespace
 
-    from sft.train import keep_hub_token_out_of_saved_files
+    from sft.train.trainer import keep_hub_token_out_of_saved_files
 
     monkeypatch.setattr("sys.argv", ["sft/run.py", "--hub_token", "hf_SECRET"])
     monkeypatch.delenv("HF_TOKEN", raising=False)

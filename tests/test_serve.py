@@ -1,4 +1,4 @@
-"""`python -m sft.serve` as its users meet it: the official `openai` client, bad requests, many clients at once."""
+"""`lccc-sft serve` as its users meet it: the official `openai` client, bad requests, many clients at once."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor

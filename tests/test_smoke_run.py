@@ -6,7 +6,7 @@ import yaml
 from helpers import LAUNCH, SMOKE_RECIPE, reply_tokens, run_command
 from safetensors import safe_open
 
-from sft.config import parse_recipe
+from sft.common.config import parse_recipe
 from sft.data import load_conversations
 
 SUMMARY_KEYS = {

@@ -10,11 +10,11 @@ from datasets import Dataset, DatasetDict
 from helpers import SMOKE_RECIPE
 from transformers import AutoTokenizer
 
-from sft.config import parse_recipe
+from sft.common.config import parse_recipe
+from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers, training_chat_template
 from sft.data import multi_turn_samples, normalize_utterance, per_turn_samples
-from sft.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers, training_chat_template
 from sft.tiny import SAMPLE_DATA
-from sft.train import build_trainer
+from sft.train.trainer import build_trainer
 
 SYSTEM = "你是一个友好的聊天伙伴，请用自然的中文回答。"
 HANDWRITTEN = [

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from sft.evaluate import main
+from sft.evaluation.evaluate import main
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 COMMON = ["--num_samples", "8", "--max_ppl_samples", "2", "--max_new_tokens", "16", "--no_quantize", "true"]

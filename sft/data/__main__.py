@@ -7,12 +7,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sft.cli import did_you_mean, parse_arguments, take_recipe
-from sft.config import RECIPE_DATACLASSES, DataArguments, training_default
+from sft.common.arguments import did_you_mean, parse_arguments, take_recipe
+from sft.common.config import RECIPE_DATACLASSES, DataArguments, training_default
+from sft.common.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 from sft.data.cache import load_prepared
 from sft.data.mixture import data_folder
 from sft.data.stats import STATS_FILE, token_summary, write_stats
-from sft.errors import LOG_FORMAT, UserError, exits_cleanly_on_user_error
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def parse_prepare_command(argv: list[str]) -> tuple[DataArguments, PrepareArgume
             raise UserError(f"unknown recipe key `{key}`{did_you_mean(key, recipe_keys)}")
     recipe.pop("output_dir", None)  # the recipe's output_dir is training's
     data, command = parse_arguments(
-        (DataArguments, PrepareArguments), args, recipe=recipe, ignore_unknown_keys=True, prog="python -m sft.data"
+        (DataArguments, PrepareArguments), args, recipe=recipe, ignore_unknown_keys=True, prog="lccc-sft data"
     ).values
     if command.output_dir:
         data.processed_dir = command.output_dir
@@ -61,7 +61,7 @@ def parse_prepare_command(argv: list[str]) -> tuple[DataArguments, PrepareArgume
 
 def add_token_statistics(folder: Path, command: PrepareArguments) -> None:
     """Measure the prepared samples with the model's tokenizer and training template, into `stats.json`."""
-    from sft.model import load_tokenizer
+    from sft.common.model import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(

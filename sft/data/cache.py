@@ -14,12 +14,12 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict
 from filelock import FileLock
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
+from sft.common.files import reporting_full_disk
 from sft.data.pipeline import prepare
 from sft.data.records import SPLITS
 from sft.data.sources import LCCC_HUB_ID, PARQUET_REVISION, locate_source, with_lccc_names
 from sft.data.stats import STATS_FILE, summary, utterance_counts, write_stats
-from sft.files import reporting_full_disk
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Features, List, Value
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
 from sft.data.conversations import SAMPLE_FEATURES, dialogue_samples, sample_format
 from sft.data.formats import as_messages
 from sft.data.records import MalformedRecord, parse_record, utterances_of

@@ -2,7 +2,7 @@
 
 from datasets import Features
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
 from sft.data.records import MESSAGES
 
 SAMPLE_FEATURES = {

@@ -9,10 +9,10 @@ from pathlib import Path
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
+from sft.common.errors import UserError
 from sft.data.formats import record_form
 from sft.data.records import MalformedRecord, Source, parse_record
-from sft.errors import UserError
 
 FILE_KINDS = {
     ".json": "json",

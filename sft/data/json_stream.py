@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 from datasets import Dataset, Features, Value
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
+from sft.common.errors import UserError
 from sft.data.files import open_text, unreadable_as_user_error
 from sft.data.formats import as_messages, record_form
 from sft.data.records import (
@@ -26,7 +27,6 @@ from sft.data.records import (
     Source,
     utterances_of,
 )
-from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets, interleave_datasets
 
-from sft.cli import did_you_mean
-from sft.config import DataArguments
+from sft.common.arguments import did_you_mean
+from sft.common.config import DataArguments
+from sft.common.errors import UserError
 from sft.data.cache import build_once, code_hash, load_prepared, prepared_folder, write_summary
 from sft.data.pipeline import subset
 from sft.data.records import SPLITS
 from sft.data.sources import LCCC_HUB_ID, LCCC_NAMES, with_lccc_names
 from sft.data.stats import STATS_FILE
-from sft.errors import UserError
 
 # TRL's names for a source's fields -> ours.
 TRL_KEYS = {"path": "dataset_name", "name": "dataset_config", "split": "dataset_split", "format": "data_format"}

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, Features
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
+from sft.common.errors import UserError
 from sft.data.clean import clean_batch, clean_features, flatten_samples
 from sft.data.conversations import SAMPLE_FEATURES, sample_format
 from sft.data.records import SPLITS, WRITE_BATCH_ROWS, Source
 from sft.data.sources import read_source
-from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Value, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 
-from sft.config import DataArguments
+from sft.common.config import DataArguments
+from sft.common.errors import UserError
 from sft.data.files import data_suffix, file_kind, read_lines
 from sft.data.formats import ALPACA_FIELDS
 from sft.data.json_stream import read_json_document
 from sft.data.records import CHAT_FIELD, DIALOGUE_FIELDS, SPLIT_NAMES, Source
-from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from trl.data_utils import common_prefix_length
 
+from sft.common.files import write_atomically
 from sft.data.pipeline import subset
-from sft.files import write_atomically
 
 STATS_FILE = "stats.json"
 

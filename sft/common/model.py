@@ -1,0 +1,97 @@
+"""The base model and tokenizer: where they come from and how they are loaded (4-bit NF4 + LoRA via TRL)."""
+
+import logging
+from pathlib import Path
+
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from transformers import AutoTokenizer
+from trl import ModelConfig, SFTConfig
+
+from sft.common.errors import UserError
+from sft.common.template import training_chat_template
+
+logger = logging.getLogger(__name__)
+# where `make tiny-model` builds the smoke models, by family (`python -m sft.tiny --family ...`)
+TINY_MODEL_DIRS = {"llama": "build/tiny-llama", "qwen2_5": "build/tiny-qwen2_5", "llama3": "build/tiny-llama3"}
+
+
+def check_model_source(name: str | None) -> None:
+    """A model is a local folder or a Hub id (`org/name`); anything else is a typo worth stopping for."""
+    if not name:
+        raise UserError("no model given: set `model_name_or_path` in the recipe")
+    path = Path(name)
+    if path.is_dir():
+        return
+    meant_local = name.startswith((".", "/", "~")) or path.exists() or Path(path.parts[0]).is_dir()
+    if name in TINY_MODEL_DIRS.values():
+        raise UserError(f"the smoke model {name} is not built yet: run `make tiny-model` (or `make sft`)")
+    if meant_local or name.count("/") != 1:
+        raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`")
+
+
+def hub_error_message(name: str, err: OSError) -> str:
+    """What to do when a model cannot be fetched: gated, missing, or no connection."""
+    cause = err.__cause__ or err
+    if isinstance(cause, GatedRepoError):
+        return (
+            f"{name} is a gated model: accept its licence at https://huggingface.co/{name}, then log in with "
+            "`huggingface-cli login` (or set HF_TOKEN) with an account that has access"
+        )
+    if isinstance(cause, RepositoryNotFoundError):
+        return f"model {name} was not found on the Hub (if it is private, log in with `huggingface-cli login`)"
+    return f"could not load {name}: {str(err).splitlines()[0]}"
+
+
+def load_tokenizer(
+    name: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template_path: str | None = None,
+    need_reply_markers: bool = True,
+):
+    """A model's or run's tokenizer, with a chat template whose assistant replies carry `{% generation %}` markers.
+
+    Training needs the markers (loss on the replies only); generating does not, so with `need_reply_markers` off a
+    template TRL cannot mark stays as it is. The pad token falls back to the end-of-sequence token, as in TRL.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UserError(hub_error_message(name, err)) from None
+    try:
+        tokenizer.chat_template = training_chat_template(tokenizer, chat_template_path)
+    except UserError:
+        if need_reply_markers or not tokenizer.chat_template:
+            raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_init_kwargs(model_args: ModelConfig, training_args: SFTConfig) -> dict:
+    """`from_pretrained` arguments for SFTTrainer, as the launch plan decided them (recipe wins)."""
+    if training_args.trust_remote_code:
+        logger.warning("trust_remote_code is ON: code from the model repository will run on this machine")
+    kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel during evaluation.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` run in eval mode without gradients repacks its weights for
+    `gemv_4bit` and keeps them so: training after the first evaluation then goes through a kernel with no
+    backward (gradients to earlier layers are silently dropped) and fails outright on layers with a bias (Qwen2).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

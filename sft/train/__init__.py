@@ -1,0 +1,1 @@
+"""Training: the launcher, the launch plan, the machine facts it reads, SFTTrainer and checkpoints."""
