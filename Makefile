@@ -20,7 +20,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check
+.PHONY: help venv lock sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
@@ -35,6 +35,7 @@ help:
 	@echo "make test                                                       run the whole test suite"
 	@echo "make test-fast                                                  its quick tier (no training run, server or browser)"
 	@echo "make lint                                                       ruff"
+	@echo "make lock                                                       regenerate requirements.txt (the tested versions)"
 	@echo "make tiny-model                                                 build the smoke runs' tiny models"
 	@echo "make bench-data [ARGS='--dialogues 1000000']                    time data preparation on synthetic LCCC"
 	@echo "make bench [ARGS='--repeats 3']                                 CPU speed: our launcher vs TRL's trl sft"
@@ -43,11 +44,22 @@ help:
 
 venv: $(VENV)/.installed
 
-# The project installs in editable mode with its test tools: `sft` imports from this checkout everywhere.
-$(VENV)/.installed: pyproject.toml
+# First the exact versions the suite passed with (requirements.txt), then the project in editable mode with its
+# test tools (their ranges in pyproject.toml): `sft` imports from this checkout everywhere.
+$(VENV)/.installed: pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
+
+# requirements.txt: every package the default install pulls in, pinned to what this .venv has (where the suite
+# passed), resolved from pyproject.toml by uv. torch is pinned without its build label (+cpu, +cu130): pip takes
+# the build its index offers for that version.
+lock:
+	mkdir -p build
+	$(PY) -m pip freeze --exclude-editable | sed 's/+[a-z0-9]*$$//' > build/installed-versions.txt
+	$(VENV)/bin/uv pip compile --quiet pyproject.toml --constraint build/installed-versions.txt \
+		--custom-compile-command "make lock" --annotation-style line --output-file requirements.txt
 
 tiny-model: $(TINY_MODELS)
 

@@ -36,5 +36,15 @@ def test_named_make_targets_and_commands_exist(page):
         assert named in COMMANDS, f"{page.name} names `lccc-sft {named}`, which is not a command"
 
 
+@pytest.mark.parametrize("readme", sorted(ROOT.glob("README*.md")), ids=lambda p: p.name)
+def test_named_files_exist(readme):
+    """Every repository path a README names in backticks (`recipes/x.yaml`, `sft/run.py`) is there."""
+    tops = "|".join(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for path in re.findall(rf"`((?:{tops})/[\w./-]*\w)`", readme.read_text(encoding="utf-8")):
+        if path.startswith(("output/", "build/")):  # made by the commands
+            continue
+        assert (ROOT / path).exists(), f"{readme.name} names {path}, which does not exist"
+
+
 def test_the_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 250

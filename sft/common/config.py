@@ -123,7 +123,7 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
-    """What to do with an output folder that already holds a run, or whether to only show the plan."""
+    """What to do with an output folder that already holds a run, whether to only show the plan, when to stop."""
 
     overwrite_output_dir: bool = field(
         default=False,
@@ -133,12 +133,19 @@ class RunArguments:
         default=False,
         metadata={"help": "Print what the run would decide (precision, attention, placement, steps) and stop."},
     )
+    stop_after_bad_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Stop the run after this many logged steps in a row whose loss or gradient norm is NaN or "
+            "infinite, or whose loss is exactly 0, keeping the last good checkpoint; 0 turns the watch off."
+        },
+    )
 
 
 RECIPE_DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments)
 SECRET_KEYS = {"hub_token"}
 # How to start, not what to train: left out of recipe.yaml so a rerun with or without them still resumes.
-RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint", "dry_run"}
+RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint", "dry_run", "stop_after_bad_steps"}
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, next to what a run trained
 # Values no run can use: (part of the recipe, key, check, what is needed).
 VALUE_RULES = [
@@ -149,6 +156,7 @@ VALUE_RULES = [
     ("training", "max_length", lambda v: v is None or v >= 8, "at least 8 tokens"),
     ("training", "warmup_steps", lambda v: v >= 0, "zero or more"),
     ("model", "lora_r", lambda v: v >= 1, "at least 1"),
+    ("run", "stop_after_bad_steps", lambda v: v >= 0, "zero (off) or more"),
     ("model", "lora_alpha", lambda v: v > 0, "a positive number"),
     ("model", "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
 ]

@@ -136,6 +136,14 @@ def unused_name(path: Path) -> Path:
     return candidate
 
 
+def set_aside(checkpoint: Path, why: str) -> Path:
+    """Keep a checkpoint a resume must not start from as `<why>-checkpoint-N`: out of the resume's way, not deleted."""
+    kept = unused_name(checkpoint.with_name(f"{why}-{checkpoint.name}"))
+    os.replace(checkpoint, kept)
+    logger.warning("kept the %s %s as %s", why, checkpoint.name, kept)
+    return kept
+
+
 def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint whose files all read back; newer damaged ones are set aside, never deleted."""
     damaged = []
@@ -143,9 +151,7 @@ def newest_loadable_checkpoint(output_dir: Path) -> Path | None:
         problem = damaged_file(checkpoint)
         if problem is None:
             for bad in damaged:  # resuming here would save over them: keep them under another name
-                kept = unused_name(bad.with_name(f"damaged-{bad.name}"))
-                os.replace(bad, kept)
-                logger.warning("kept the damaged %s as %s", bad.name, kept)
+                set_aside(bad, "damaged")
             return checkpoint
         logger.warning("%s cannot be loaded: %s is damaged (%s); trying the previous checkpoint", checkpoint, *problem)
         damaged.append(checkpoint)

@@ -131,6 +131,14 @@ def keep_packed_sequences_apart(recipe: Recipe, facts: Facts, changes: list[Chan
         _set(changes, training, "train_sampling_strategy", "group_by_length", why)
 
 
+def let_the_watch_see_bad_losses(recipe: Recipe, facts: Facts, changes: list[Change]) -> None:
+    """transformers logs a NaN or infinite step loss as the average of the earlier ones (`logging_nan_inf_filter`),
+    which would hide it from the watch that stops a broken run (sft/train/watchdog.py), unless the recipe sets it."""
+    if recipe.run.stop_after_bad_steps and "logging_nan_inf_filter" not in recipe.resolved:
+        why = "the loss is logged as it is, so that a NaN or infinite loss stops the run (stop_after_bad_steps)"
+        _set(changes, recipe.training, "logging_nan_inf_filter", False, why)
+
+
 RULES = (
     choose_precision,
     choose_attention,
@@ -138,6 +146,7 @@ RULES = (
     choose_quant_storage,
     choose_distributed_settings,
     keep_packed_sequences_apart,
+    let_the_watch_see_bad_losses,
 )
 
 

@@ -34,6 +34,7 @@ from sft.train.checkpoints import (
 )
 from sft.train.machine import machine_facts, peak_memory
 from sft.train.plan import decide
+from sft.train.watchdog import StopOnBadSteps
 
 logger = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
@@ -255,8 +256,9 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         save_resolved_recipe(recipe, args.output_dir)
 
     stopper, clock = StopOnSignal(trainer.accelerator), TrainingClock()
-    trainer.add_callback(stopper)
-    trainer.add_callback(clock)
+    watch = StopOnBadSteps(recipe.run.stop_after_bad_steps)
+    for callback in (stopper, clock, watch):
+        trainer.add_callback(callback)
     with reporting_full_disk(output_dir, lambda: how_to_go_on(output_dir)):
         try:
             result = trainer.train(resume_from_checkpoint=resume)
@@ -264,6 +266,11 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
             raise UserError(OOM_ADVICE) from None
         finally:
             stopper.restore_handlers()
+    if watch.first_bad:
+        if state.is_main_process:
+            watch.set_aside_checkpoints_after_last_good_step(output_dir)
+        state.wait_for_everyone()
+        raise UserError(watch.message(latest_complete_checkpoint(output_dir)))
     if stopper.stopped:
         state.wait_for_everyone()  # no rank exits (and, under srun --kill-on-bad-exit, ends the job) mid-write
         logger.warning(
