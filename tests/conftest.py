@@ -103,3 +103,13 @@ def server(smoke_run, tmp_path_factory):
         yield Server(url=url, api_key=api_key, tuned=smoke_run.name, base=f"{smoke_run.name}-base", log=log)
     finally:
         stop_process(process)
+
+
+# Fixtures that train or serve: a test that uses one belongs to the slow tier even where its mark was forgotten.
+HEAVY_FIXTURES = {"smoke_run", "trained_model", "trained_tokenizer", "server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -91,6 +91,7 @@ def test_a_variant_that_cannot_run_here_is_skipped_with_the_reason(facts, fa2, l
     assert missing_for(VARIANTS["sdpa"], facts) is None
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_cpu_form_end_to_end(tiny_model, tmp_path):
     """`make gpu-check` without CUDA: a run stopped by SIGTERM resumes to its last step, and the benchmark rows of
     the packed launcher setting and LLaMA-Factory's setting are measured."""

@@ -12,6 +12,8 @@ import sft.serving.chat
 from sft.common.generation import GenerationArguments, generation_kwargs
 from sft.serving.chat import ASSISTANT_PROMPT, ChatSession, MessageTooLong, interactive, main
 
+pytestmark = pytest.mark.slow  # every test here needs a training run, a server or a browser
+
 
 def session_for(trained_model, trained_tokenizer, max_context=1024, max_new_tokens=6, **kwargs):
     generation = generation_kwargs(

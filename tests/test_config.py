@@ -76,6 +76,7 @@ def test_missing_recipe_file():
         parse_recipe(["--config", "nope.yaml"])
 
 
+@pytest.mark.slow
 def test_the_launcher_stops_with_one_line_and_exit_code_2(tmp_path):
     result = run_command(["python", "sft/run.py", "--config", write(tmp_path, "learning_rat: 1.0e-4\n")])
     assert result.returncode == 2

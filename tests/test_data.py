@@ -412,6 +412,7 @@ def test_a_missing_file_is_not_taken_for_a_hub_id(tmp_path):
 # --- python -m sft.data -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_cli_prepares_a_recipe_and_writes_stats(tmp_path, tiny_model):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(

@@ -17,6 +17,8 @@ from helpers import LAUNCH, ROOT, run_command, start_command, wait_for
 
 from sft.train.checkpoints import latest_complete_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here needs a training run, a server or a browser
+
 CONFIGS = ROOT / "accelerate_configs"
 TWO_PROCESSES = ["accelerate", "launch", "--quiet", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft/run.py"]
 # 96 samples: 12 full batches of 8 on one process, 6 full batches of 8 on each of two (no partial last batch,

@@ -19,6 +19,8 @@ from sft.evaluation.batch_generation import cut_at_end_of_turn, generate_replies
 from sft.evaluation.evaluate import main
 from sft.evaluation.held_out import reply_perplexity
 
+pytestmark = pytest.mark.slow  # every test here needs a training run, a server or a browser
+
 # --- Perplexity and generation on the smoke run's model. ---------------------------------------------------------
 
 CONVERSATIONS = [

@@ -119,6 +119,7 @@ def reference(smoke_run):
     return load_model(run, quantize=False, device="cpu"), tokenizer
 
 
+@pytest.mark.slow
 def test_gguf_holds_every_tensor_the_template_and_the_special_tokens(exported, reference, tiny_model):
     _, tokenizer = reference
     assert sorted(p.name for p in exported.iterdir()) == ["Modelfile", "export_info.json", "model-f16.gguf"]
@@ -145,6 +146,7 @@ def test_gguf_holds_every_tensor_the_template_and_the_special_tokens(exported, r
     assert metadata["tokenizer.ggml.add_bos_token"] is True and metadata["general.architecture"] == "llama"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["f16", "q8_0"])
 def test_gguf_answers_like_the_merged_model(quantization, exported, exported_q8, reference):
     folder = {"f16": exported, "q8_0": exported_q8}[quantization]
@@ -204,6 +206,7 @@ def assert_modelfile_renders_as_chat_template(fields: dict, tokenizer, tmp_path)
     ]
 
 
+@pytest.mark.slow
 def test_modelfile_template_renders_conversations_as_the_runs_chat_template(exported, reference, tmp_path):
     _, tokenizer = reference
     fields = modelfile_fields(exported / "Modelfile")
@@ -212,6 +215,7 @@ def test_modelfile_template_renders_conversations_as_the_runs_chat_template(expo
     assert_modelfile_renders_as_chat_template(fields, tokenizer, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "chat_format", "end_of_turn"),
     [("qwen2_5", "qwen2.5", "<|im_end|>"), ("llama3", "llama-3.1", "<|eot_id|>")],
@@ -229,6 +233,7 @@ def test_qwen2_5_and_llama3_modelfiles_render_conversations_as_their_chat_templa
     assert_modelfile_renders_as_chat_template(fields, tokenizer, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_tokenizer_llama_cpp_does_not_know_ends_with_one_error_line(converter, tmp_path, capsys):
     """The converter knows byte-level BPE tokenizers by a hash of a check text's tokens: the tiny ones are unknown."""
     argv = ["--model_path", str(tiny_model_of("llama3")), "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
@@ -240,6 +245,7 @@ def test_a_tokenizer_llama_cpp_does_not_know_ends_with_one_error_line(converter,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bad_inputs_end_with_one_error_line_and_leave_nothing(exported, converter, tiny_model, tmp_path, capsys):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model, broken)

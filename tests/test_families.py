@@ -133,6 +133,7 @@ def trainer(family, conversations, tmp_path_factory):
     return build_trainer(recipe, DatasetDict(train=data, validation=data.select(range(2))))
 
 
+@pytest.mark.slow
 def test_labels_cover_exactly_the_replies_and_their_end_of_turn_token(family, trainer, conversations):
     tokenizer = trainer.processing_class
     end_of_turn = tokenizer.convert_tokens_to_ids(family.end_of_turn)
@@ -159,6 +160,7 @@ def test_labels_cover_exactly_the_replies_and_their_end_of_turn_token(family, tr
             assert tokenizer.bos_token is None and tokenizer.pad_token_id not in real
 
 
+@pytest.mark.slow
 def test_4bit_layers_keep_their_gradient_after_an_evaluation_on_cpu(trainer):
     """bitsandbytes repacks 4-bit weights for a CPU inference kernel without backward; training must not use it."""
     layer = trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
@@ -183,12 +185,14 @@ def family_run(family, tmp_path_factory):
     return output_dir
 
 
+@pytest.mark.slow
 def test_the_smoke_run_learns(family_run):
     summary = json.loads((family_run / "run_summary.json").read_text(encoding="utf-8"))
     assert summary["global_step"] == 16
     assert summary["eval_loss"]["last"] < summary["eval_loss"]["first"] - 0.5
 
 
+@pytest.mark.slow
 def test_eval_of_the_smoke_run(family_run, tmp_path):
     from sft.evaluation.evaluate import main
 
@@ -214,6 +218,7 @@ class EndTurnAt(LogitsProcessor):
         return scores
 
 
+@pytest.mark.slow
 def test_chat_stops_at_the_end_of_turn_token(family, family_run):
     from sft.common.generation import GenerationArguments, generation_kwargs
     from sft.common.inference import load_model, read_run
@@ -236,6 +241,7 @@ def test_chat_stops_at_the_end_of_turn_token(family, family_run):
     assert family.end_of_turn not in reply and session.history[-1] == {"role": "assistant", "content": reply}
 
 
+@pytest.mark.slow
 def test_merge_ships_the_official_template(family, family_run, tmp_path):
     from sft.common.inference import read_run
     from sft.export.merge import main

@@ -73,6 +73,7 @@ def finished_after_space_is_freed(small_disk, command: list[str], output_dir: Pa
     return {"log": result.stderr, **json.loads((output_dir / "run_summary.json").read_text())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small_disk", ["1100k"], indirect=True)  # a smoke checkpoint takes ~0.7 MB: one fits
 def test_a_full_disk_while_saving_a_checkpoint_says_so_and_a_rerun_with_space_finishes(tiny_model, small_disk):
     output_dir = small_disk.path / "out"
@@ -88,6 +89,7 @@ def test_a_full_disk_while_saving_a_checkpoint_says_so_and_a_rerun_with_space_fi
     assert f"resuming from {output_dir / 'checkpoint-2'}" in second["log"] and second["global_step"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small_disk", ["160k"], indirect=True)  # the recipe fits, the ~0.3 MB adapter does not
 def test_a_full_disk_during_the_final_save_leaves_the_run_unfinished_until_a_rerun(tiny_model, small_disk):
     output_dir = small_disk.path / "out"
@@ -129,6 +131,7 @@ def cut_short(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_kept_and_the_moved_run_resumes_from_the_previous_one(smoke_run, tmp_path):
     run = unfinished_copy(smoke_run, tmp_path / "moved")  # another output_dir than the recipe.yaml inside says
     older, newest = checkpoints(run)[-2:]
@@ -143,6 +146,7 @@ def test_a_damaged_newest_checkpoint_is_kept_and_the_moved_run_resumes_from_the_
     assert json.loads((run / "run_summary.json").read_text())["global_step"] == finished
 
 
+@pytest.mark.slow
 def test_with_no_loadable_checkpoint_the_run_says_how_to_start_over_and_deletes_nothing(smoke_run, tmp_path):
     run = unfinished_copy(smoke_run, tmp_path / "run")
     for checkpoint in checkpoints(run):
@@ -166,6 +170,7 @@ def test_locations_and_logging_do_not_make_another_recipe(tmp_path):
         checkpoint_to_resume(str(run), {**moved, "lora_r": 16}, overwrite=False)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_in_use_stops_and_a_killed_runs_lock_does_not_block(tiny_model, tmp_path):
     output_dir = tmp_path / "out"
     log = tmp_path / "first.log"
@@ -218,6 +223,7 @@ def test_a_full_disk_while_preparing_data_leaves_no_half_written_cache(small_dis
     assert len(load_conversations(args, seed=42)["train"]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small_disk", ["1m"], indirect=True)  # the merged tiny model takes ~5 MB
 def test_a_full_disk_while_merging_leaves_no_merged_folder(smoke_run, small_disk):
     output_dir = small_disk.path / "merged"

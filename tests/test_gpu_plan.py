@@ -87,6 +87,7 @@ def smoke_trainer(tiny_model, tmp_path_factory):
     return build_trainer(r, load_conversations(r.data, r.training.seed))
 
 
+@pytest.mark.slow
 def test_fp16_runs_keep_the_lora_weights_in_fp32(smoke_trainer):
     """TRL casts the LoRA weights of a 4-bit model to bf16, which fp16's grad scaler cannot unscale."""
     from sft.train.trainer import keep_lora_weights_in_fp32_under_fp16
@@ -101,6 +102,7 @@ def test_fp16_runs_keep_the_lora_weights_in_fp32(smoke_trainer):
     assert {p.dtype for p in trainable} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_counts_known_on_the_host_are_counted_there(smoke_trainer):
     """Batch slots are known on the host: adding them never copies a Python int to the device per micro-batch."""
     batch = next(iter(smoke_trainer.get_train_dataloader()))
@@ -204,6 +206,7 @@ def test_dry_run_shows_the_placement_ddp_and_attention_decisions(tiny_model):
     assert smoke_on_h100["attn_implementation"] == "sdpa" and smoke_on_h100["device_map"] == {"": 0}
 
 
+@pytest.mark.slow
 def test_dry_run_refuses_unsafe_packing_and_loads_and_writes_nothing(tiny_model, tmp_path):
     output_dir = tmp_path / "out"
     command = ["python", "sft/run.py", "--config", "recipes/smoke.yaml", "--dry_run", "true"]

@@ -6,6 +6,8 @@ import pytest
 
 from sft.evaluation.evaluate import main
 
+pytestmark = pytest.mark.slow  # every test here needs a training run, a server or a browser
+
 pytest.importorskip("lm_eval", reason='the knowledge check needs the eval extra: pip install -e ".[eval]"')
 
 QUESTIONS = [

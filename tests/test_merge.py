@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 import sft.export.merge
 from sft.common.inference import encode_prompt, load_model, read_run, render_prompt
 
+pytestmark = pytest.mark.slow  # every test here needs a training run, a server or a browser
+
 # Merged weights W + (alpha/r)·B·A in float32 against the unmerged W·x + (alpha/r)·B·(A·x): the two differ only by
 # float32 rounding, measured at about 4e-6 on logits of magnitude ~10 for the smoke model. 1e-4 leaves a wide margin
 # for other CPUs and BLAS builds, and stays five orders of magnitude below what a wrong or missing merge changes

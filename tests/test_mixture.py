@@ -99,6 +99,7 @@ def test_the_original_names_are_lccc_in_a_mixture():
     assert (lccc.label, lccc.args.dataset_name, lccc.args.dataset_config) == ("lccc", "thu-coai/lccc", "base")
 
 
+@pytest.mark.slow
 def test_the_mixed_smoke_recipe_trains_with_eval_losses_per_source_and_evaluates_per_source(tiny_model, tmp_path):
     from sft.evaluation.evaluate import main as evaluate
 

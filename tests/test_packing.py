@@ -28,6 +28,7 @@ def split_pack(batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:], strict=False) if b > a]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_loss_equals_the_loss_of_each_sequence_alone(tiny_model, tmp_path, attention):
     trainer = packed_trainer(tmp_path, attention)

@@ -20,6 +20,7 @@ def losses(output_dir) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_model, tmp_path):
     steps = ["--max_steps", "24", "--save_steps", "4", "--save_total_limit", "5"]
     straight = tmp_path / "straight"
@@ -52,6 +53,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_model,
         assert got[step] == pytest.approx(expected[step], rel=1e-3), step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
     output_dir = tmp_path / "out"
     log = tmp_path / "run.log"
@@ -104,6 +106,7 @@ def test_the_newest_complete_checkpoint_is_chosen_by_step_number(tmp_path):
     assert checkpoint_to_resume(str(tmp_path / "run"), {"lora_r": 8}, overwrite=False).endswith("checkpoint-16")
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_logs_or_saved_files(tiny_model, tmp_path):
     secrets = {"HF_TOKEN": "hf_FAKEsecretTOKEN123", "WANDB_API_KEY": "FAKEwandbKEY456"}
     hub_token = "hf_FAKEflagTOKEN789"

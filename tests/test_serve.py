@@ -8,6 +8,8 @@ import openai
 import pytest
 from helpers import run_command
 
+pytestmark = pytest.mark.slow  # every test here needs a training run, a server or a browser
+
 MESSAGE = "我终于学会了煎荷包蛋。"
 STRANGER_KEY = "not-the-key"
 

@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
 import yaml
 from helpers import LAUNCH, SMOKE_RECIPE, reply_tokens, run_command
 from safetensors import safe_open
 
 from sft.common.config import parse_recipe
 from sft.data import load_conversations
+
+pytestmark = pytest.mark.slow  # every test here needs a training run, a server or a browser
 
 SUMMARY_KEYS = {
     "train_loss",

@@ -135,6 +135,7 @@ def trainer(conversations, tiny_model, tmp_path_factory):
     return build_trainer(recipe, DatasetDict(train=data, validation=data.select(range(2))))
 
 
+@pytest.mark.slow
 def test_the_smoke_trainer_trains_lora_on_a_4bit_base(trainer):
     import bitsandbytes as bnb
 
@@ -157,6 +158,7 @@ def supervised_runs(labels: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+@pytest.mark.slow
 def test_labels_cover_exactly_the_replies_and_their_eos(trainer, conversations, tokenizer):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(conversations))])
     for row, messages in enumerate(conversations):
@@ -189,6 +191,7 @@ def per_turn_trainer(tiny_model, tmp_path_factory):
     return build_trainer(recipe, DatasetDict(train=data, validation=data.select(range(2))))
 
 
+@pytest.mark.slow
 def test_per_turn_labels_cover_exactly_the_completion_and_its_eos(per_turn_trainer, tokenizer):
     trainer = per_turn_trainer
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PER_TURN))])

@@ -7,6 +7,8 @@ import torch
 
 from sft.evaluation.evaluate import main
 
+pytestmark = pytest.mark.slow  # every test here needs a training run, a server or a browser
+
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 COMMON = ["--num_samples", "8", "--max_ppl_samples", "2", "--max_new_tokens", "16", "--no_quantize", "true"]
 
