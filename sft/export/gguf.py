@@ -25,6 +25,7 @@ from pathlib import Path
 
 from sft.common.arguments import parse_arguments
 from sft.common.errors import UserError, exits_cleanly_on_user_error
+from sft.common.generation import GenerationArguments, load_generation_defaults
 from sft.common.inference import ROOT, read_run, start_command_logging
 from sft.common.template import inference_chat_template, is_llama2_chat_template
 from sft.export.merge import MergeArguments, check_output_dir, merge
@@ -33,8 +34,18 @@ logger = logging.getLogger(__name__)
 EXPORT_INFO = "export_info.json"
 MODELFILE = "Modelfile"
 CONVERTER = ROOT / "build" / "llama.cpp" / "convert_hf_to_gguf.py"
+# llama.cpp's own programs, built by `make llama-cpp` from the same source release.
+LLAMA_CPP_BIN = ROOT / "build" / "llama.cpp-build" / "bin"
 # The converter's own output types (`--outtype`), less `auto` and the ternary tq1_0/tq2_0 meant for BitNet models.
-QUANTIZATIONS = ("f16", "bf16", "q8_0", "f32")
+CONVERTER_TYPES = ("f16", "bf16", "q8_0", "f32")
+# llama-quantize's 4-6 bit K-quants, made from the f16 file.
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
+QUANTIZATIONS = CONVERTER_TYPES + K_QUANTS
+# The byte-level BPE pre-tokenizers for which llama.cpp adds a BOS when the GGUF does not say (src/llama-vocab.cpp).
+LLAMA_CPP_BOS_PRE_TOKENIZERS = (
+    "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
+    "viking", "jais", "tekken", "exaone", "exaone4", "exaone-moe", "chameleon",
+)  # fmt: skip
 # The converter's message for a BPE tokenizer whose check-text hash is not in its list (get_vocab_base_pre).
 UNKNOWN_PRE_TOKENIZER = "BPE pre-tokenizer was not recognized"
 
@@ -107,20 +118,26 @@ class ExportArguments(MergeArguments):
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier export in --output_dir."})
     quantization: str = field(
-        default="f16", metadata={"help": f"GGUF weight type: {', '.join(QUANTIZATIONS)} (llama.cpp's converter)."}
+        default="f16",
+        metadata={
+            "help": f"GGUF weight type: {', '.join(CONVERTER_TYPES)} (llama.cpp's converter) or {', '.join(K_QUANTS)} "
+            "(its llama-quantize, built by `make llama-cpp`)."
+        },
     )
     system_prompt: str | None = field(
         default=None, metadata={"help": "The Modelfile's SYSTEM line (default: the recipe's system_prompt, if any)."}
     )
     converter: str = field(default=str(CONVERTER), metadata={"help": "llama.cpp's convert_hf_to_gguf.py."})
+    llama_quantize: str = field(
+        default=str(LLAMA_CPP_BIN / "llama-quantize"), metadata={"help": "llama.cpp's llama-quantize (K-quants)."}
+    )
 
 
-def check_quantization(quantization: str) -> str:
+def check_quantization(quantization: str, llama_quantize: str) -> str:
     if quantization not in QUANTIZATIONS:
-        raise UserError(
-            f"--quantization {quantization}: llama.cpp's converter writes {', '.join(QUANTIZATIONS)}; for 4-bit "
-            "types (Q4_K_M, ...) quantize the f16 file with llama.cpp's llama-quantize (see README)"
-        )
+        raise UserError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
+    if quantization in K_QUANTS and not Path(llama_quantize).is_file():
+        raise UserError(f"--quantization {quantization} needs llama.cpp's llama-quantize: run `make llama-cpp`")
     return quantization
 
 
@@ -143,8 +160,22 @@ def ollama_format(chat_template: str) -> OllamaFormat:
     raise UserError(f"no Ollama template for this run's chat template (known: {families}); add it to OLLAMA_FORMATS")
 
 
-def modelfile(gguf_name: str, fmt: OllamaFormat, system_prompt: str | None) -> str:
-    """An Ollama Modelfile: the GGUF next to it, the family's template, the run's system prompt and stops."""
+def ollama_parameters(settings: GenerationArguments, context_length: int) -> dict:
+    """The run's generation settings under Ollama's PARAMETER names (greedy decoding is temperature 0), with the
+    context the run was trained on."""
+    return {
+        "temperature": settings.temperature if settings.do_sample else 0,
+        "top_p": settings.top_p,
+        "top_k": settings.top_k,  # 0: off, in llama.cpp's sampler as in transformers
+        "repeat_penalty": settings.repetition_penalty,
+        "num_predict": settings.max_new_tokens,
+        "num_ctx": context_length,
+    }
+
+
+def modelfile(gguf_name: str, fmt: OllamaFormat, system_prompt: str | None, parameters: dict) -> str:
+    """An Ollama Modelfile: the GGUF next to it, the family's template, the run's system prompt, generation
+    settings and stops."""
     lines = [
         f"# Ollama Modelfile ({fmt.family} chat format), written by lccc-sft export-gguf",
         f"FROM ./{gguf_name}",
@@ -152,8 +183,63 @@ def modelfile(gguf_name: str, fmt: OllamaFormat, system_prompt: str | None) -> s
     lines.append(f'TEMPLATE """{fmt.template}"""')
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')
+    lines += [f"PARAMETER {name} {value}" for name, value in parameters.items()]
     lines += [f'PARAMETER stop "{stop}"' for stop in fmt.stops]
     return "\n".join(lines) + "\n"
+
+
+def space_prefix_after_special_tokens(tokenizer) -> bool | None:
+    """Whether the run's SentencePiece-style tokenizer puts "▁" before text that follows a special token (None: not
+    such a tokenizer). Its Metaspace `prepend_scheme` "first" puts it only at the start of the text, "always"
+    before every piece; llama.cpp's `add_space_prefix` puts it after every special token or nowhere."""
+    from tokenizers.pre_tokenizers import Metaspace
+
+    pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
+    return pre_tokenizer.prepend_scheme == "always" if isinstance(pre_tokenizer, Metaspace) else None
+
+
+def converter_input(source: Path, folder: Path, tokenizer) -> Path:
+    """`source`'s files linked into `folder`, with a tokenizer_config.json whose `add_prefix_space` the converter
+    writes as the GGUF's `tokenizer.ggml.add_space_prefix` (else llama.cpp defaults to a "▁" after every special
+    token, which training never saw)."""
+    folder.mkdir()
+    for path in source.iterdir():
+        (folder / path.name).symlink_to(path.resolve(), target_is_directory=path.is_dir())
+    space_prefix = space_prefix_after_special_tokens(tokenizer)
+    if space_prefix is not None:
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        config_path.unlink(missing_ok=True)
+        config_path.write_text(json.dumps({**config, "add_prefix_space": space_prefix}), encoding="utf-8")
+    return folder
+
+
+def merge_scores(tokenizer, tokens: list[str]) -> dict[int, float]:
+    """Scores under which llama.cpp's SentencePiece merging follows the run's BPE merge order: minus the rank of
+    the first merge that makes each token, as in a SentencePiece BPE model."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    ids = {token: token_id for token_id, token in enumerate(tokens)}
+    scores = {}
+    for rank, pair in enumerate(model.get("merges", [])):
+        left, right = pair.split(" ", 1) if isinstance(pair, str) else pair
+        token_id = ids.get(left + right)
+        if token_id is not None:
+            scores.setdefault(token_id, -float(rank))
+    return scores
+
+
+def write_merge_scores(path: Path, tokenizer) -> None:
+    """Write the run's merge order as a SentencePiece-type GGUF's token scores: without a tokenizer.model (which
+    transformers 5.x no longer saves) the converter writes -1000 for every token (LlamaHfVocab.get_token_score)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path, "r+")
+    if reader.fields["tokenizer.ggml.model"].contents() != "llama":
+        return
+    field = reader.fields["tokenizer.ggml.scores"]
+    for token_id, score in merge_scores(tokenizer, reader.fields["tokenizer.ggml.tokens"].contents()).items():
+        field.parts[field.data[token_id]][0] = score  # a view into the file's memory map
+    reader.data.flush()
 
 
 def convert(model_dir: Path, outfile: Path, quantization: str, converter: Path) -> None:
@@ -176,6 +262,16 @@ def convert(model_dir: Path, outfile: Path, quantization: str, converter: Path) 
         )
 
 
+def quantize(f16_file: Path, outfile: Path, quantization: str, llama_quantize: str) -> None:
+    """llama.cpp's llama-quantize from the f16 file; its failure becomes one line naming its last message."""
+    logger.info("quantizing to %s with %s", quantization, llama_quantize)
+    command = [llama_quantize, str(f16_file), str(outfile), quantization.upper()]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        raise UserError(f"llama-quantize failed (exit {result.returncode}): {lines[-1] if lines else 'no message'}")
+
+
 def read_gguf_metadata(path: Path) -> dict:
     """The GGUF's scalar and string metadata, plus the vocabulary under `tokenizer.ggml.tokens`."""
     from gguf import GGUFReader
@@ -189,6 +285,16 @@ def read_gguf_metadata(path: Path) -> dict:
     }
 
 
+def llama_cpp_adds_bos(metadata: dict) -> bool:
+    """Whether llama.cpp prepends a BOS to a prompt: the GGUF's `add_bos_token`, else its default for the vocabulary
+    type and pre-tokenizer (llama_vocab::impl::load in src/llama-vocab.cpp)."""
+    written = metadata.get("tokenizer.ggml.add_bos_token")
+    if written is not None:
+        return written
+    model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
+    return model in ("llama", "bert") or (model == "gpt2" and pre in LLAMA_CPP_BOS_PRE_TOKENIZERS)
+
+
 def check_gguf(path: Path, tokenizer, chat_template: str) -> dict:
     """Read the GGUF back: its chat template and special tokens must be the run's, else nothing is published."""
     metadata = read_gguf_metadata(path)
@@ -196,12 +302,12 @@ def check_gguf(path: Path, tokenizer, chat_template: str) -> dict:
     problems = []
     if metadata.get("tokenizer.chat_template") != chat_template:
         problems.append("its chat template is not the run's inference template")
+    if tokenizer.bos_token is None and llama_cpp_adds_bos(metadata):  # Qwen2.5 has no begin-of-text token
+        problems.append("llama.cpp would add a bos token the run does not have")
     for kind in ("bos", "eos"):
         token_id = metadata.get(f"tokenizer.ggml.{kind}_token_id")
         expected = getattr(tokenizer, f"{kind}_token")
-        if expected is None:  # Qwen2.5 has no begin-of-text token: llama.cpp must add none
-            if metadata.get(f"tokenizer.ggml.add_{kind}_token") is not False:
-                problems.append(f"llama.cpp would add a {kind} token the run does not have")
+        if expected is None:
             continue
         if token_id is None or token_id >= len(tokens) or tokens[token_id] != expected:
             problems.append(f"its {kind} token is not {expected!r}")
@@ -212,7 +318,7 @@ def check_gguf(path: Path, tokenizer, chat_template: str) -> dict:
 
 def export(args: ExportArguments) -> dict:
     run = read_run(args.model_path, args.base_model)
-    quantization = check_quantization(args.quantization)
+    quantization = check_quantization(args.quantization, args.llama_quantize)
     converter = check_converter(args.converter)
     out = Path(args.output_dir or f"{str(args.model_path).rstrip('/')}-gguf")
     check_output_dir(out, run.model_path, args.overwrite, EXPORT_INFO)
@@ -230,11 +336,19 @@ def export(args: ExportArguments) -> dict:
         if run.is_adapter:
             source = staging / "merged"
             merge(str(run.model_path), str(source), args.dtype, args.device, args.base_model)
-        convert(source, staging / gguf_name, quantization, converter)
+        outtype = "f16" if quantization in K_QUANTS else quantization  # K-quants are made from the f16 file
+        converted = staging / f"model-{outtype}.gguf"
+        convert(converter_input(source, staging / "hf", tokenizer), converted, outtype, converter)
+        write_merge_scores(converted, tokenizer)
+        shutil.rmtree(staging / "hf")
+        if quantization in K_QUANTS:
+            quantize(converted, staging / gguf_name, quantization, args.llama_quantize)
+            converted.unlink()
         check_gguf(staging / gguf_name, tokenizer, chat_template)
         if run.is_adapter:
             shutil.rmtree(source)
-        (staging / MODELFILE).write_text(modelfile(gguf_name, fmt, system_prompt), encoding="utf-8")
+        parameters = ollama_parameters(load_generation_defaults(run.model_path), run.max_length)
+        (staging / MODELFILE).write_text(modelfile(gguf_name, fmt, system_prompt, parameters), encoding="utf-8")
         info = {
             "model_path": str(run.model_path),
             "base_model": run.base_model,
