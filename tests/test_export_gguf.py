@@ -329,28 +329,37 @@ def test_bad_inputs_end_with_one_error_line_and_leave_nothing(exported, converte
     assert sorted(p.name for p in exported.iterdir()) == before
 
 
+@pytest.mark.slow  # loads the 151,646-token Qwen vocabulary
 def test_a_run_without_a_bos_token_needs_a_gguf_that_adds_none(tmp_path):
-    """Qwen2.5 has no BOS: the converter writes `<|endoftext|>` as bos_token_id (config.json) with add_bos_token
-    false (ByteLevel post-processor); only a GGUF that would prepend it is refused. Metadata as the converter writes."""
+    """Qwen2.5 has no BOS: only a GGUF that makes llama.cpp prepend one is refused, by its `add_bos_token` or, where
+    the converter writes none, by llama.cpp's default for the pre-tokenizer (none for qwen2, one for llama-bpe)."""
     tokenizer = read_run(str(tiny_model_of("qwen2_5"))).load_tokenizer()
     template = inference_chat_template(tokenizer.chat_template)
-    for add_bos in (False, True):
-        path = tmp_path / f"add-bos-{add_bos}.gguf"
+    for pre, add_bos, refused in [
+        ("qwen2", False, False),
+        ("qwen2", None, False),
+        ("qwen2", True, True),
+        ("llama-bpe", None, True),
+    ]:
+        path = tmp_path / f"{pre}-{add_bos}.gguf"
         writer = gguf.GGUFWriter(path, "qwen2")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
         writer.add_chat_template(template)
         writer.add_bos_token_id(tokenizer.convert_tokens_to_ids("<|endoftext|>"))
         writer.add_eos_token_id(tokenizer.eos_token_id)
-        writer.add_add_bos_token(add_bos)
+        if add_bos is not None:
+            writer.add_add_bos_token(add_bos)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        if add_bos:
+        if refused:
             with pytest.raises(UserError, match="llama.cpp would add a bos token the run does not have"):
                 sft.export.gguf.check_gguf(path, tokenizer, template)
         else:
-            assert sft.export.gguf.check_gguf(path, tokenizer, template)["tokenizer.ggml.add_bos_token"] is False
+            assert sft.export.gguf.check_gguf(path, tokenizer, template)["tokenizer.ggml.pre"] == pre
 
 
 def test_official_templates_have_their_ollama_format_and_others_are_refused_before_any_work():

@@ -202,7 +202,7 @@ def converter_input(source: Path, folder: Path, tokenizer) -> Path:
     """`source`'s files linked into `folder`, with a tokenizer_config.json whose `add_prefix_space` the converter
     writes as the GGUF's `tokenizer.ggml.add_space_prefix` (else llama.cpp defaults to a "▁" after every special
     token, which training never saw)."""
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for path in source.iterdir():
         (folder / path.name).symlink_to(path.resolve(), target_is_directory=path.is_dir())
     space_prefix = space_prefix_after_special_tokens(tokenizer)
@@ -338,9 +338,10 @@ def export(args: ExportArguments) -> dict:
             merge(str(run.model_path), str(source), args.dtype, args.device, args.base_model)
         outtype = "f16" if quantization in K_QUANTS else quantization  # K-quants are made from the f16 file
         converted = staging / f"model-{outtype}.gguf"
-        convert(converter_input(source, staging / "hf", tokenizer), converted, outtype, converter)
+        # The converter names the model after its folder.
+        convert(converter_input(source, staging / "input" / source.name, tokenizer), converted, outtype, converter)
         write_merge_scores(converted, tokenizer)
-        shutil.rmtree(staging / "hf")
+        shutil.rmtree(staging / "input")
         if quantization in K_QUANTS:
             quantize(converted, staging / gguf_name, quantization, args.llama_quantize)
             converted.unlink()
