@@ -42,6 +42,7 @@ help:
 	@echo "make serve [MODEL_PATH=output/smoke] [ARGS='--port 8000']     OpenAI-compatible API + chat page on 127.0.0.1"
 	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]           merge the adapter into a standalone model"
 	@echo "make export-gguf [MODEL_PATH=output/smoke] [GGUF_DIR=...] [ARGS='--quantization q8_0']  GGUF + Ollama Modelfile"
+	@echo "make llama-cpp                                                  build llama.cpp's quantize/tokenize/simple once (K-quants, parity tests)"
 	@echo "make test                                                       run the whole test suite"
 	@echo "make test-fast                                                  its quick tier (no training run, server or browser)"
 	@echo "make lint                                                       ruff"

@@ -21,6 +21,7 @@ from sft.common.errors import UserError
 from sft.common.generation import GenerationArguments, load_generation_defaults, save_generation_config
 from sft.common.inference import encode_prompt, load_model, read_run, render_prompt
 from sft.common.template import inference_chat_template
+from sft.data import normalize_utterance
 
 SYSTEM_PROMPT = "你是一个友好的聊天机器人。"
 CONTEXTS = [
@@ -107,10 +108,11 @@ def llama_cpp():
 
 
 def llama_tokenize(llama_cpp, gguf_file, text: str, tmp_path) -> list[int]:
-    """llama.cpp's own tokenization of `text` as a prompt: special tokens parsed, its BOS added if the GGUF says so."""
+    """llama.cpp's own tokenization of `text` as a prompt: special tokens parsed (its default), its BOS added if the
+    GGUF says so."""
     (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
     command = [llama_cpp / "llama-tokenize", "-m", gguf_file, "-f", tmp_path / "prompt.txt", "--ids"]
-    result = subprocess.run([*command, "--parse-special", "--no-escape", "--log-disable"], capture_output=True)
+    result = subprocess.run([*command, "--no-escape", "--log-disable"], capture_output=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.decode().strip().splitlines()[-1])
 
@@ -141,11 +143,12 @@ def llama_cpp_pieces(tokenizer, ids: list[int]) -> bytes:
 
 
 def lccc_conversations() -> list[list[dict]]:
-    """Every dialogue of the shipped LCCC sample as a conversation, utterances alternating user and assistant."""
+    """Every dialogue of the shipped LCCC sample as a conversation, its utterances as training normalizes them
+    (segmentation spaces undone), alternating user and assistant."""
     data = json.loads((ROOT / "sft" / "assets" / "lccc_sample.json").read_text(encoding="utf-8"))
     roles = ("user", "assistant")
     return [
-        [{"role": roles[i % 2], "content": text} for i, text in enumerate(dialogue)]
+        [{"role": roles[i % 2], "content": normalize_utterance(text)} for i, text in enumerate(dialogue)]
         for split in data.values()
         for dialogue in split
     ]
@@ -230,6 +233,14 @@ def test_gguf_holds_every_tensor_the_template_and_the_special_tokens(exported, r
     assert tokens[metadata["tokenizer.ggml.bos_token_id"]] == tokenizer.bos_token == "<s>"
     assert tokens[metadata["tokenizer.ggml.eos_token_id"]] == tokenizer.eos_token == "</s>"
     assert metadata["tokenizer.ggml.add_bos_token"] is True and metadata["general.architecture"] == "llama"
+    # Training's Metaspace puts "▁" only at the start of the text, never after `<s>`; merges go in BPE rank order.
+    assert metadata["tokenizer.ggml.add_space_prefix"] is False
+    scores, ids = reader.fields["tokenizer.ggml.scores"].contents(), {token: i for i, token in enumerate(tokens)}
+    first_merge = {}  # the rank of the first merge that makes each token (a few tokens are made by two)
+    for rank, (left, right) in enumerate(json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]):
+        first_merge.setdefault(left + right, rank)
+    assert {token: scores[ids[token]] for token in first_merge} == {t: -float(r) for t, r in first_merge.items()}
+    assert {scores[i] for i, token in enumerate(tokens) if token not in first_merge} == {-1000.0}
 
 
 @pytest.mark.slow
