@@ -6,7 +6,7 @@ import pytest
 
 from sft.evaluation.evaluate import main
 
-pytest.importorskip("lm_eval", reason='the knowledge check needs the eval extra: pip install -e ".[eval]"')
+pytest.importorskip("lm_eval", reason='the knowledge check needs the knowledge extra: pip install -e ".[knowledge]"')
 
 QUESTIONS = [
     {"Question": "中国的首都是哪里？", "A": "上海", "B": "北京", "C": "广州", "D": "深圳", "Answer": "B"},
