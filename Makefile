@@ -20,7 +20,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check
+.PHONY: help venv sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check gpu-kit
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
@@ -40,6 +40,7 @@ help:
 	@echo "make bench [ARGS='--repeats 3']                                 CPU speed: our launcher vs TRL's trl sft"
 	@echo "make bench-gpu [ARGS='--variants sdpa,fa2']                     QLoRA speed of a Llama-2-7B shape on one GPU"
 	@echo "make gpu-check                                                  check a GPU machine end to end (one JSON)"
+	@echo "make gpu-kit                                                    wheels + one command for a bare offline GPU machine"
 
 venv: $(VENV)/.installed
 
@@ -74,6 +75,10 @@ bench-gpu: $(VENV)/.installed
 
 gpu-check: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m benchmarks.gpu_check $(ARGS)
+
+# build/gpu-kit/: the wheels a bare GPU machine lacks and command.sh, the one command to run there (docs/gpus-and-speed.md).
+gpu-kit: $(VENV)/.installed
+	$(PY) -m benchmarks.gpu_kit $(ARGS)
 
 $(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config recipes/smoke.yaml
