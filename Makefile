@@ -20,7 +20,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv lock sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check
+.PHONY: help venv lock sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check gpu-kit
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
@@ -41,6 +41,7 @@ help:
 	@echo "make bench [ARGS='--repeats 3']                                 CPU speed: our launcher vs TRL's trl sft"
 	@echo "make bench-gpu [ARGS='--variants sdpa,fa2']                     QLoRA speed of a Llama-2-7B shape on one GPU"
 	@echo "make gpu-check                                                  check a GPU machine end to end (one JSON)"
+	@echo "make gpu-kit                                                    wheels + one command for a bare offline GPU machine"
 
 venv: $(VENV)/.installed
 
@@ -52,13 +53,13 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# requirements.txt: every package the default install pulls in, pinned to what this .venv has (where the suite
+# requirements.txt: every package `pip install -e ".[all]"` pulls in, pinned to what this .venv has (where the suite
 # passed), resolved from pyproject.toml by uv. torch is pinned without its build label (+cpu, +cu130): pip takes
 # the build its index offers for that version.
 lock:
 	mkdir -p build
 	$(PY) -m pip freeze --exclude-editable | sed 's/+[a-z0-9]*$$//' > build/installed-versions.txt
-	$(VENV)/bin/uv pip compile --quiet pyproject.toml --constraint build/installed-versions.txt \
+	$(VENV)/bin/uv pip compile --quiet pyproject.toml --extra all --constraint build/installed-versions.txt \
 		--custom-compile-command "make lock" --annotation-style line --output-file requirements.txt
 
 tiny-model: $(TINY_MODELS)
@@ -86,6 +87,10 @@ bench-gpu: $(VENV)/.installed
 
 gpu-check: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m benchmarks.gpu_check $(ARGS)
+
+# build/gpu-kit/: the wheels a bare GPU machine lacks and command.sh, the one command to run there (docs/gpus-and-speed.md).
+gpu-kit: $(VENV)/.installed
+	$(PY) -m benchmarks.gpu_kit $(ARGS)
 
 $(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config recipes/smoke.yaml

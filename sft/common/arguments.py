@@ -18,6 +18,13 @@ from trl import TrlParser
 
 from sft.common.errors import UserError
 
+# Arguments renamed upstream, the newer name -> the older one: transformers < 5.23 knows activation checkpointing only
+# as `gradient_checkpointing` (5.23 made that an alias), so a recipe with the newer name still runs there.
+OLDER_NAMES = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
+
 
 class ArgumentParser(TrlParser):
     """TRL's parser, reporting a bad command-line word as a UserError instead of a page of usage."""
@@ -113,6 +120,18 @@ def _coerce_one(action, key: str, value):
     return converted
 
 
+def to_known_names(recipe: dict, cli_args: list[str], known) -> tuple[dict, list[str]]:
+    """The recipe and command line with each newer argument name the parser lacks spelled the older way it knows."""
+    renamed = {new: old for new, old in OLDER_NAMES.items() if new not in known and old in known}
+    recipe = {renamed.get(key, key): value for key, value in recipe.items()}
+    words = []
+    for word in cli_args:
+        name, equals, value = word[2:].partition("=")
+        older = renamed.get(name.replace("-", "_")) if word.startswith("--") else None
+        words.append(f"--{older}{equals}{value}" if older else word)
+    return recipe, words
+
+
 def flag_names(cli_args: list[str]) -> list[str]:
     """The option names on a command line, `-` spelled `_` as in the dataclass fields."""
     return [arg[2:].split("=", 1)[0].replace("-", "_") for arg in cli_args if arg.startswith("--")]
@@ -146,6 +165,7 @@ def parse_arguments(
     from_file, args = take_recipe(list(argv))
     recipe = {**(recipe or {}), **from_file}
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    recipe, args = to_known_names(recipe, args, actions)
     # every spelling of an option (`--no_x` too) -> the field it sets
     options = {name[2:].replace("-", "_"): action.dest for action in parser._actions for name in action.option_strings}
     values = {}

@@ -5,7 +5,7 @@ TRL's own `TrlParser`; on top of that every key and value is checked before anyt
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -15,6 +15,14 @@ from trl import ModelConfig, SFTConfig
 from sft.common.arguments import parse_arguments, plain
 from sft.common.errors import UserError
 from sft.common.files import write_atomically
+
+# The training argument that turns activation checkpointing on: `activation_checkpointing` since transformers 5.23,
+# `gradient_checkpointing` before (sft/common/arguments.py reads a recipe's newer name as the older one there).
+CHECKPOINTING = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in {f.name for f in fields(SFTConfig)}
+)
 
 
 @dataclass
@@ -147,6 +155,7 @@ SECRET_KEYS = {"hub_token"}
 # How to start, not what to train: left out of recipe.yaml so a rerun with or without them still resumes.
 RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint", "dry_run", "stop_after_bad_steps"}
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, next to what a run trained
+RUN_SUMMARY = "run_summary.json"  # written last by a finished run; its `dtype` is the precision it trained in
 # Values no run can use: (part of the recipe, key, check, what is needed).
 VALUE_RULES = [
     ("training", "learning_rate", lambda v: v > 0, "a positive number"),

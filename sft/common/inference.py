@@ -15,9 +15,10 @@ import torch
 from trl import ModelConfig
 
 from sft.common.arguments import parse_arguments, read_recipe_file
-from sft.common.config import RECIPE_FILE, DataArguments, training_default
+from sft.common.config import RECIPE_FILE, RUN_SUMMARY, DataArguments, training_default
 from sft.common.errors import LOG_FORMAT, UserError
 from sft.common.generation import GenerationArguments, chosen_settings, load_generation_defaults
+from sft.common.model import NATIVE_BF16_CAPABILITY
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
         data.dataset_name = resolve_local(data.dataset_name)
         for source in data.datasets or []:  # a mixture's sources
             source["path"] = resolve_local(source["path"])
-    model_values = {**recipe, "model_name_or_path": resolve_local(base_model) if base_model else str(path)}
+    model_name = resolve_local(base_model) if base_model else str(path)
+    model_values = {**recipe, **trained_precision(path), "model_name_or_path": model_name}
     model_args = recipe_part(ModelConfig, model_values, recipe_path)
     return Run(
         model_path=path,
@@ -157,6 +159,23 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
         max_length=int(recipe.get("max_length") or training_default("max_length")),
         trust_remote_code=bool(recipe.get("trust_remote_code", False)),
     )
+
+
+def trained_precision(path: Path) -> dict:
+    """`{"dtype": ...}` as the run trained (the launcher may have changed the recipe's: fp16 on a T4), if known."""
+    summary_path = path / RUN_SUMMARY
+    if not summary_path.is_file() and path.name.startswith("checkpoint-"):
+        summary_path = path.parent / RUN_SUMMARY
+    dtype = json.loads(summary_path.read_text(encoding="utf-8")).get("dtype") if summary_path.is_file() else None
+    return {"dtype": dtype} if dtype else {}
+
+
+def without_emulated_bf16(dtype, device: str):
+    """fp16 in place of bf16 on a GPU that only emulates bf16 (compute capability below 8.0: T4, V100), as
+    training there does (sft/train/plan.py); any other dtype or device as it is."""
+    if dtype != torch.bfloat16 or not device.startswith("cuda"):
+        return dtype
+    return dtype if torch.cuda.get_device_capability(torch.device(device)) >= NATIVE_BF16_CAPABILITY else torch.float16
 
 
 def start_command_logging() -> None:
@@ -191,7 +210,7 @@ def load_base(run: Run, quantize: bool, device: str, dtype=None):
 
     name = run.model_args.model_name_or_path
     check_model_source(name)
-    dtype = torch_dtype(dtype if dtype is not None else run.model_args.dtype)
+    dtype = without_emulated_bf16(torch_dtype(dtype if dtype is not None else run.model_args.dtype), device)
     quantization_config = get_quantization_config(run.model_args) if quantize else None
     how = "4-bit" if quantization_config and run.model_args.load_in_4bit else "8-bit" if quantization_config else ""
     logger.info("loading base model %s (%s) on %s", name, f"{how} {str(dtype).removeprefix('torch.')}".strip(), device)

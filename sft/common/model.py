@@ -12,6 +12,9 @@ from sft.common.template import training_chat_template
 
 logger = logging.getLogger(__name__)
 # where `make tiny-model` builds the smoke models, by family (`python -m sft.tiny --family ...`)
+# Compute capability from which a GPU computes in bf16 natively (Ampere); below it (T4, V100) bf16 is only emulated,
+# slowly, so training, merging, evaluation and chat use fp16 there.
+NATIVE_BF16_CAPABILITY = (8, 0)
 TINY_MODEL_DIRS = {"llama": "build/tiny-llama", "qwen2_5": "build/tiny-qwen2_5", "llama3": "build/tiny-llama3"}
 
 

@@ -32,6 +32,7 @@ from sft.common.inference import (
     read_run,
     start_command_logging,
     torch_dtype,
+    without_emulated_bf16,
 )
 from sft.train.checkpoints import FINISHED_MARKER
 
@@ -69,9 +70,7 @@ def merge_dtype(run, device: str, requested: str | None) -> torch.dtype:
     if not device.startswith("cuda") or own == torch.float32:
         return own
     trained = torch_dtype(run.model_args.dtype) if run.model_args.dtype not in (None, "auto") else None
-    if trained in HALF_DTYPES and (trained != torch.bfloat16 or torch.cuda.is_bf16_supported()):
-        return trained
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return without_emulated_bf16(trained if trained in HALF_DTYPES else torch.bfloat16, device)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sft.common.config import Recipe
+from sft.common.config import CHECKPOINTING, Recipe
 from sft.common.model import load_tokenizer
 from sft.data import load_conversations
 from sft.data.cache import is_prepared
@@ -97,7 +97,7 @@ def memory_estimate_gb(recipe: Recipe, facts: Facts) -> dict | None:
     # 16-bit activations of one layer: ~34 x tokens x hidden bytes (Korthikanti et al. 2022, memory-efficient
     # attention); checkpointing keeps only each layer's input and recomputes one layer at a time
     per_layer = 34 * rows * length * hidden
-    kept = layers * 2 * rows * length * hidden + per_layer if training.activation_checkpointing else layers * per_layer
+    kept = layers * 2 * rows * length * hidden + per_layer if getattr(training, CHECKPOINTING) else layers * per_layer
     logits = 2 * rows * length * config.vocab_size * 4  # fp32 logits and their gradient
     gb = {
         "weights": whole / shards,
@@ -144,7 +144,7 @@ def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:
         "bnb_4bit_quant_storage": model.bnb_4bit_quant_storage or "uint8",
         "distributed_type": facts.distributed_type.value,
         "num_processes": facts.num_processes,
-        "activation_checkpointing": training.activation_checkpointing,
+        "activation_checkpointing": getattr(training, CHECKPOINTING),
         "ddp_find_unused_parameters": training.ddp_find_unused_parameters,
         "packing": training.packing,
         # TRL turns padding-free on by itself for packing with bfd/bfd_split

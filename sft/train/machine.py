@@ -12,6 +12,8 @@ import torch
 from accelerate.utils import DistributedType
 from transformers.utils import is_flash_attn_2_available
 
+from sft.common.model import NATIVE_BF16_CAPABILITY
+
 HALF_PRECISION = ("bfloat16", "float16")  # the dtypes FlashAttention-2 accepts
 
 
@@ -24,7 +26,7 @@ class Facts:
     flash_attn_2: bool  # flash-attn installed and importable
     distributed_type: DistributedType  # as the Accelerator will see it, not as PartialState sees it at load time
     num_processes: int
-    local_rank: int
+    local_rank: int  # the index of this process's GPU among those it sees (see gpu_of_this_process)
     fsdp_activation_checkpointing: bool  # FSDP's own activation checkpointing is on (accelerate config)
 
 
@@ -48,11 +50,17 @@ def distributed_type_at_load(training_args=None) -> DistributedType:
     return DistributedType.NO
 
 
+def gpu_of_this_process() -> int:
+    """LOCAL_RANK modulo the GPUs this process sees, as the Accelerator picks its device (accelerate/state.py,
+    `set_device`): a scheduler that shows each rank one GPU (CUDA_VISIBLE_DEVICES per rank) gives rank 1 cuda:0."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+
+
 def machine_facts(training_args=None) -> Facts:
     """The facts of this process, read from torch, the installed packages, the launcher's environment and the
     training arguments (`use_cpu`, `fsdp`, `deepspeed`) when given."""
     cuda = torch.cuda.is_available() and not getattr(training_args, "use_cpu", False)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if cuda else 0
+    local_rank = gpu_of_this_process() if cuda else 0
     fsdp_config = getattr(training_args, "fsdp_config", None) or {}
     return Facts(
         cuda=cuda,
@@ -68,7 +76,7 @@ def machine_facts(training_args=None) -> Facts:
 
 def has_native_bf16(facts: Facts) -> bool:
     """Ampere (8.0) and newer compute in bf16; `torch.cuda.is_bf16_supported()` also counts slow emulation."""
-    return facts.cuda and facts.capability >= (8, 0)
+    return facts.cuda and facts.capability >= NATIVE_BF16_CAPABILITY
 
 
 def attention_for(facts: Facts, dtype: str | None) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from accelerate.utils import DistributedType
 
-from sft.common.config import Recipe
+from sft.common.config import CHECKPOINTING, Recipe
 from sft.common.errors import UserError
 from sft.train.machine import HALF_PRECISION, Facts, attention_for, has_native_bf16
 
@@ -104,13 +104,13 @@ def choose_distributed_settings(recipe: Recipe, facts: Facts, changes: list[Chan
     if data_parallel and recipe.model.use_peft and training.ddp_find_unused_parameters is None:
         why = "every LoRA weight gets a gradient each step; the Trainer keeps the search on for a PeftModel"
         _set(changes, training, "ddp_find_unused_parameters", False, why)
-    if facts.distributed_type == DistributedType.FSDP and training.activation_checkpointing:
+    if facts.distributed_type == DistributedType.FSDP and getattr(training, CHECKPOINTING):
         why = "under FSDP, FSDP's own checkpointing (no second all-gather in the backward pass)"
         if not facts.fsdp_activation_checkpointing:
             changes.append(Change("fsdp_activation_checkpointing", False, True, why))
             os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = "true"  # read by the Accelerator's FSDP plugin
-        _set(changes, training, "activation_checkpointing", False, why)
-        training.gradient_checkpointing = False
+        _set(changes, training, CHECKPOINTING, False, why)
+        training.gradient_checkpointing = False  # the older name mirrors the newer one where both exist
 
 
 def keep_packed_sequences_apart(recipe: Recipe, facts: Facts, changes: list[Change]) -> None:

@@ -281,7 +281,7 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         )
         return None
 
-    summary = run_summary(trainer, clock.seconds(), result.training_loss)
+    summary = {**run_summary(trainer, clock.seconds(), result.training_loss), "dtype": recipe.model.dtype}
     staging = output_dir / ".final-save"
     if state.is_main_process and staging.exists():
         shutil.rmtree(staging)
