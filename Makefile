@@ -20,10 +20,12 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv lock sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check gpu-kit
+.PHONY: help venv lock sft dpo pairs plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check gpu-kit
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
+	@echo "make dpo [RECIPE=recipes/smoke_dpo.yaml] [ARGS=...]            preference-tune a finished SFT run (DPO)"
+	@echo "make pairs [RECIPE=recipes/smoke_dpo.yaml] [ARGS=...]          mine its preference pairs alone"
 	@echo "make plan [RECIPE=...] [ACCELERATE_CONFIG=...]                  what a run would decide, without loading or writing"
 	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
@@ -69,6 +71,15 @@ build/tiny-%/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample.
 
 sft: $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config $(RECIPE) $(ARGS)
+
+# A DPO recipe names its SFT run (sft_run:); without a pairs_file its pairs are mined first.
+DPO_RECIPE ?= $(if $(filter recipes/smoke.yaml,$(RECIPE)),recipes/smoke_dpo.yaml,$(RECIPE))
+
+dpo: $(VENV)/.installed $(TINY_MODELS)
+	$(LAUNCH) --config $(DPO_RECIPE) $(ARGS)
+
+pairs: $(VENV)/.installed $(TINY_MODELS)
+	$(PY) -m sft pairs --config $(DPO_RECIPE) $(ARGS)
 
 plan: $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config $(RECIPE) --dry_run true $(ARGS)

@@ -12,9 +12,11 @@ from sft.common.errors import UserError, exits_cleanly_on_user_error
 
 # name: (module whose `main(argv)` runs it, one line for `--help`)
 COMMANDS = {
-    "train": ("sft.train.launch", "fine-tune with a recipe (one process; several: accelerate launch sft/run.py)"),
-    "plan": ("sft.train.launch", "what a run would decide, without loading or writing anything"),
+    "train": ("sft.run", "fine-tune with a recipe (one process; several: accelerate launch sft/run.py)"),
+    "plan": ("sft.run", "what a run would decide, without loading or writing anything"),
     "data": ("sft.data.__main__", "prepare a recipe's data alone (stats.json)"),
+    "pairs": ("sft.preference.mining", "mine preference pairs from an SFT run's failures (pairs_stats.json)"),
+    "dpo": ("sft.preference.launch", "preference-tune a finished SFT run's adapter (DPO) with a recipe"),
     "eval": ("sft.evaluation.evaluate", "evaluate a trained run on its held-out split"),
     "chat": ("sft.serving.chat", "chat with a trained run in the terminal"),
     "serve": ("sft.serving.server", "OpenAI-compatible API and a chat page on 127.0.0.1"),

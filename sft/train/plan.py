@@ -104,7 +104,7 @@ def choose_distributed_settings(recipe: Recipe, facts: Facts, changes: list[Chan
     if data_parallel and recipe.model.use_peft and training.ddp_find_unused_parameters is None:
         why = "every LoRA weight gets a gradient each step; the Trainer keeps the search on for a PeftModel"
         _set(changes, training, "ddp_find_unused_parameters", False, why)
-    if facts.distributed_type == DistributedType.FSDP and getattr(training, CHECKPOINTING):
+    if facts.distributed_type == DistributedType.FSDP and getattr(training, CHECKPOINTING, False):
         why = "under FSDP, FSDP's own checkpointing (no second all-gather in the backward pass)"
         if not facts.fsdp_activation_checkpointing:
             changes.append(Change("fsdp_activation_checkpointing", False, True, why))
@@ -116,7 +116,7 @@ def choose_distributed_settings(recipe: Recipe, facts: Facts, changes: list[Chan
 def keep_packed_sequences_apart(recipe: Recipe, facts: Facts, changes: list[Change]) -> None:
     """Allow packing only where packed sequences cannot attend to each other; else group by length instead."""
     training, attention = recipe.training, recipe.model.attn_implementation
-    if not training.packing:
+    if not getattr(training, "packing", False):  # DPOConfig has no packing
         return
     problem = None
     if training.packing_strategy not in PACKING_SAFE_STRATEGIES:

@@ -234,10 +234,18 @@ def check_max_length_fits_a_turn(tokenizer, train_dataset, max_length: int | Non
         )
 
 
-def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
+def train(
+    recipe: Recipe,
+    datasets: DatasetDict,
+    build=build_trainer,
+    summarize=run_summary,
+    generation: GenerationArguments | None = None,
+) -> dict | None:
     """Train (resuming when the output folder holds an interrupted run), then publish the results atomically.
 
-    Returns the run summary, or None when a signal stopped the run after saving a checkpoint.
+    `build` makes the trainer and `summarize` its run summary (the preference stage passes its own); `generation`
+    is saved as the run's generation defaults. Returns the summary, or None when a signal stopped the run after
+    saving a checkpoint.
     """
     args = recipe.training
     output_dir = Path(args.output_dir)
@@ -251,7 +259,7 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         )
     use_wandb_offline_without_login(args.report_to, args.output_dir)
     decide(recipe, machine_facts(args))
-    trainer = build_trainer(recipe, datasets)
+    trainer = build(recipe, datasets)
     if state.is_main_process:
         save_resolved_recipe(recipe, args.output_dir)
 
@@ -281,7 +289,7 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         )
         return None
 
-    summary = {**run_summary(trainer, clock.seconds(), result.training_loss), "dtype": recipe.model.dtype}
+    summary = {**summarize(trainer, clock.seconds(), result.training_loss), "dtype": recipe.model.dtype}
     staging = output_dir / ".final-save"
     if state.is_main_process and staging.exists():
         shutil.rmtree(staging)
@@ -291,7 +299,8 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         trainer.save_model(str(staging))
         if state.is_main_process:
             trainer.state.save_to_json(str(staging / "trainer_state.json"))
-            save_generation_config(staging, GenerationArguments(), trainer.processing_class)  # eval/chat/serve defaults
+            # eval/chat/serve defaults
+            save_generation_config(staging, generation or GenerationArguments(), trainer.processing_class)
             publish_final_outputs(staging, output_dir, summary)
     if state.is_main_process:
         logger.info("run finished: adapter and run_summary.json in %s", output_dir)
