@@ -125,6 +125,7 @@ class Job:
     reply: Reply
     cancelled: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    started: bool = False
     ended: bool = False
 
     def end(self, error: BaseException | None = None) -> None:
@@ -265,6 +266,7 @@ class Generator:
         ends = EndRows(batch, padding, self.tokenizer, done)
         choose = ChooseTokens(batch, padding, self.tokenizer.eos_token_id, self.device, done)
         for job in batch:
+            job.started = True
             job.streamer.on_finalized_text("")  # the request has started: its stream may open
         adapter = batch[0].adapter
         switch = contextlib.nullcontext() if adapter or not self.has_adapter else self.model.disable_adapter()
@@ -304,7 +306,7 @@ class Generator:
         text, sent, stopped, started = "", 0, False, False
         try:
             async for piece in streamer:
-                if not started:
+                if not started and job.started:
                     started = True
                     yield ""
                 text = (text + piece).lstrip()

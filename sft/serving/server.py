@@ -305,13 +305,14 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+def open_to_others(host: str, api_key: str | None) -> bool:
+    """True when the server would answer anyone who can reach a non-loopback address, with no API key."""
+    if api_key or host == "localhost":
         return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: it may resolve to any interface
 
 
 def load_service(where: TrainedModelArguments, options: ServeArguments, settings: GenerationArguments) -> Service:
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     served = " and ".join(f"`{i}`" for i in (service.tuned_id, service.base_id) if i)
     key = ", API key required" if service.api_key else ""
     logger.info("serving %s at http://%s:%d/ (chat page) and /v1 (API%s)", served, options.host, options.port, key)
-    if not service.api_key and not is_loopback(options.host):
+    if open_to_others(options.host, service.api_key):
         logger.warning(
             "listening on %s without an API key: anyone who can reach this address can use the model; set %s",
             options.host,
