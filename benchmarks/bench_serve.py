@@ -1,15 +1,18 @@
 """The server's throughput: concurrent requests one at a time (`--max_batch_size 1`) against batched (the default).
 
-    python -m benchmarks.bench_serve [--model_path build/tiny-llama] [--clients 8] [--max_tokens 32] [--repeats 2]
+    python -m benchmarks.bench_serve [--model_path build/tiny-llama] [--clients 8] [--max_tokens 32] [--threads 1]
 
 Starts `lccc-sft serve` on 127.0.0.1 once per setting and sends `--clients` streamed requests at once, each asking
 for exactly `--max_tokens` tokens (`min_tokens` too, so no reply ends early) with its own seed; measures requests
 per second (clients / wall time of the round) and time to first token (first text chunk) per request. The best
-round of each setting counts. Prints a Markdown table and saves benchmarks/results/serve.json.
+round of each setting counts. The servers run with `--threads` torch threads (OMP_NUM_THREADS; 1 by default, as
+the other CPU benchmarks: on a shared, busy CPU more threads mostly wait for each other). Prints a Markdown table
+and saves benchmarks/results/serve.json.
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -32,12 +35,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model_path: str, max_batch_size: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model_path: str, max_batch_size: int, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
     """`lccc-sft serve` in the background; its process and URL once it answers (within 10 minutes)."""
     port = free_port()
     command = [sys.executable, "-m", "sft", "serve", "--model_path", model_path, "--port", str(port)]
     command += ["--max_batch_size", str(max_batch_size)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
@@ -77,12 +81,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     model = Path(args.model_path).resolve().name
     rows = []
     with tempfile.TemporaryDirectory() as logs:
         for label, batch in (("one at a time (--max_batch_size 1)", 1), ("batched (default)", args.clients)):
-            process, url = start_server(args.model_path, batch, Path(logs) / f"serve-{batch}.log")
+            process, url = start_server(args.model_path, batch, args.threads, Path(logs) / f"serve-{batch}.log")
             try:
                 one_round(url, model, 1, 2)  # warm-up
                 rounds = [one_round(url, model, args.clients, args.max_tokens) for _ in range(args.repeats)]
