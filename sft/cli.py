@@ -16,6 +16,7 @@ COMMANDS = {
     "plan": ("sft.train.launch", "what a run would decide, without loading or writing anything"),
     "data": ("sft.data.__main__", "prepare a recipe's data alone (stats.json)"),
     "eval": ("sft.evaluation.evaluate", "evaluate a trained run on its held-out split"),
+    "select": ("sft.evaluation.select", "score every checkpoint of a run and keep the best within a forgetting budget"),
     "chat": ("sft.serving.chat", "chat with a trained run in the terminal"),
     "serve": ("sft.serving.server", "OpenAI-compatible API and a chat page on 127.0.0.1"),
     "merge": ("sft.export.merge", "merge the adapter into a standalone model"),

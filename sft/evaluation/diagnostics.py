@@ -4,11 +4,13 @@ in `metrics/`; this module gathers their inputs (the training data's most freque
 answered turn by turn, the probes) and the worst examples of each.
 """
 
+import argparse
 import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sft.evaluation.held_out import held_out_conversations
 from sft.evaluation.metrics import load_metric
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,28 @@ def most_frequent_replies(conversations: list[list[dict]], top_k: int, min_count
     counts = Counter("".join(reply.split()) for reply in assistant_replies(conversations))
     counts.pop("", None)
     return [[reply, count] for reply, count in counts.most_common(top_k) if count >= min_count]
+
+
+def training_conversations(run) -> list[list[dict]] | None:
+    """The run's training split as message lists, or None when the run does not say what it trained on."""
+    if run.data is None:
+        return None
+    return held_out_conversations(run, argparse.Namespace(split="train", dataset_name=None))[0]
+
+
+def diagnostic_inputs(
+    run, conversations: list[list[dict]], num_dialogues: int, generic_top_k: int, limit: int
+) -> DiagnosticInputs:
+    """The training data's generic replies, held-out multi-turn dialogues and the run's system prompt."""
+    training = training_conversations(run)
+    if training is None:
+        logger.info("%s does not name its training data: no generic-reply rate", run.model_path)
+    return DiagnosticInputs(
+        generic=most_frequent_replies(training, generic_top_k) if training is not None else None,
+        dialogues=multi_turn_dialogues(conversations, num_dialogues),
+        system_prompt=run.recipe.get("system_prompt"),
+        limit=limit,
+    )
 
 
 def last_user_turn(messages: list[dict]) -> str:
@@ -111,7 +135,8 @@ def diagnose(
         scores = load_metric("generic_replies").compute(predictions=replies, generic=[reply for reply, _ in generic])
         metrics["generic_rate"] = scores["generic_rate"]
         metrics["generic_top"] = scores["top"][:limit]
-        examples["generic_rate"] = [row | {"value": 1.0} for row, flag in zip(rows, scores["generic"]) if flag][:limit]
+        flagged = [row | {"value": 1.0} for row, flag in zip(rows, scores["generic"], strict=True) if flag]
+        examples["generic_rate"] = flagged[:limit]
     drift = load_metric("language_drift").compute(predictions=replies, contexts=[context_text(c) for c in contexts])
     for name, shares in (("latin_drift_rate", "latin_shares"), ("traditional_drift_rate", "traditional_shares")):
         metrics[name] = drift[name.replace("_drift", "")]
@@ -136,7 +161,8 @@ def diagnose(
             for i in repeating[:limit]
         ]
     if system_prompt:
-        probes = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": probe}] for probe in SYSTEM_PROMPT_PROBES]
+        system = {"role": "system", "content": system_prompt}
+        probes = [[system, {"role": "user", "content": probe}] for probe in SYSTEM_PROMPT_PROBES]
         answers = generate(probes)
         probe = load_metric("language_drift", "system_prompt").compute(predictions=answers, max_chars=PROBE_MAX_CHARS)
         metrics["system_prompt_compliance"] = probe["compliance_rate"]

@@ -11,7 +11,6 @@ optionally checks multiple-choice knowledge through lm-eval, and writes `eval_re
 `loss_curves.png`.
 """
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -36,12 +35,7 @@ from sft.common.inference import (
     start_command_logging,
 )
 from sft.evaluation.batch_generation import generate_replies
-from sft.evaluation.diagnostics import (
-    DiagnosticInputs,
-    diagnose,
-    most_frequent_replies,
-    multi_turn_dialogues,
-)
+from sft.evaluation.diagnostics import DiagnosticInputs, diagnose, diagnostic_inputs
 from sft.evaluation.held_out import held_out_conversations, reply_perplexity
 from sft.evaluation.metrics import score_replies
 from sft.evaluation.report import DECODINGS, markdown_report, metrics_table, plot_loss_curves
@@ -112,26 +106,6 @@ def evaluate_model(
         **scores,
     }
     return {"metrics": metrics, "replies": replies, "worst": worst, "diagnostic_examples": examples}
-
-
-def training_conversations(run) -> list[list[dict]] | None:
-    """The run's training split as message lists, or None when the run does not say what it trained on."""
-    if run.data is None:
-        return None
-    return held_out_conversations(run, argparse.Namespace(split="train", dataset_name=None))[0]
-
-
-def diagnostic_inputs(run, conversations: list[list[dict]], args) -> DiagnosticInputs:
-    """The training data's generic replies, held-out multi-turn dialogues and the run's system prompt."""
-    training = training_conversations(run)
-    if training is None:
-        logger.info("%s does not name its training data: no generic-reply rate", run.model_path)
-    return DiagnosticInputs(
-        generic=most_frequent_replies(training, args.generic_top_k) if training is not None else None,
-        dialogues=multi_turn_dialogues(conversations, args.num_dialogues),
-        system_prompt=run.recipe.get("system_prompt"),
-        limit=args.num_examples,
-    )
 
 
 def most_repetitive(worst: list[dict]) -> list[dict]:
@@ -225,7 +199,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
         "loop": "a character 4-gram occurring 3 or more times in a reply (whitespace left out, overlaps counted)",
         "never_stopped": "the reply ran into max_new_tokens without the end-of-turn token",
     }
-    inputs = diagnostic_inputs(run, conversations, args)
+    inputs = diagnostic_inputs(run, conversations, args.num_dialogues, args.generic_top_k, args.num_examples)
     if args.knowledge:
         from sft.evaluation.knowledge import accuracy, compare, task_manager
 

@@ -114,10 +114,9 @@ def diagnostics_section(report: dict, num_examples: int) -> list[str]:
         if key not in report or not entries or not num_examples:
             continue
         lines += [f"### Worst: {name}", ""]
-        lines += [
-            f"- **{label}** ({entry['value']:.2f}) after *{show_context(entry['context'])}*: {entry['reply'] or '(empty)'}"
-            for label, entry in entries[:num_examples]
-        ]
+        for label, entry in entries[:num_examples]:
+            reply = entry["reply"] or "(empty)"
+            lines.append(f"- **{label}** ({entry['value']:.2f}) after *{show_context(entry['context'])}*: {reply}")
         lines.append("")
     return lines
 
