@@ -131,3 +131,27 @@ def test_select_on_the_smoke_runs_checkpoints(checkpointed_run, quiz_tasks):
     assert select(checkpointed_run, quiz_tasks, *flags).returncode == 0
     where = TrainedModelArguments(model_path=str(checkpointed_run), checkpoint="selected")
     assert where.model_path == str(checkpointed_run / choice["selected"])
+
+
+def test_one_argument_names_the_checkpoint_the_later_commands_take(tmp_path):
+    from sft.common.generation import GenerationArguments, load_generation_defaults
+    from sft.export.merge import MergeArguments
+
+    run = tmp_path / "run"
+    (run / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoint-5" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="run `lccc-sft select --model_path"):
+        TrainedModelArguments(model_path=str(run), checkpoint="selected")
+    (run / "selection").mkdir()
+    (run / "selection" / "selection.json").write_text(json.dumps({"selected": "checkpoint-5"}))
+    assert TrainedModelArguments(model_path=str(run), checkpoint="selected").model_path == str(run / "checkpoint-5")
+    assert MergeArguments(model_path=str(run), checkpoint="selected").model_path == str(run / "checkpoint-5")
+    assert TrainedModelArguments(model_path=str(run), checkpoint="final").model_path == str(run)
+    with pytest.raises(UserError, match="checkpoint-7 holds no adapter"):
+        TrainedModelArguments(model_path=str(run), checkpoint="checkpoint-7")
+    (run / "selection" / "selection.json").write_text(json.dumps({"selected": None}))
+    with pytest.raises(UserError, match="no checkpoint met the forgetting budget"):
+        MergeArguments(model_path=str(run), checkpoint="selected")
+    # A checkpoint generates with the run's saved settings.
+    (run / "generation_config.json").write_text(json.dumps({"top_p": 0.8, "temperature": 0.5}))
+    assert load_generation_defaults(run / "checkpoint-5") == GenerationArguments(top_p=0.8, temperature=0.5)
