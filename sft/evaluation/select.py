@@ -150,12 +150,12 @@ def tightest(constraints: list[Constraint], candidates: dict, base: dict) -> Con
 
 def advice(constraint: Constraint, sources: list[str], general: list[str]) -> str:
     """Which mixture weight to raise when even the best checkpoint breaks `constraint`."""
+    if len(sources) == 1:
+        return "the run has one source: mix general data into it (`datasets:` with a `weight` each, docs/data.md)"
     named = [source for source in general if f"`{source}` loss" in constraint.name]
     if named:
         return f"raise the `weight` of `{named[0]}` in the recipe's `datasets:`"
-    if len(sources) > 1:
-        return f"raise the `weight` of the general sources ({', '.join(general)}) in the recipe's `datasets:`"
-    return "the run has one source: mix general data into it (`datasets:` with a `weight` each, docs/data.md)"
+    return f"raise the `weight` of the general sources ({', '.join(general)}) in the recipe's `datasets:`"
 
 
 # --- Candidates and their scores. --------------------------------------------------------------------------------
