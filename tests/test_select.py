@@ -155,3 +155,13 @@ def test_one_argument_names_the_checkpoint_the_later_commands_take(tmp_path):
     # A checkpoint generates with the run's saved settings.
     (run / "generation_config.json").write_text(json.dumps({"top_p": 0.8, "temperature": 0.5}))
     assert load_generation_defaults(run / "checkpoint-5") == GenerationArguments(top_p=0.8, temperature=0.5)
+
+
+def test_select_help_lists_the_budget(capsys):
+    from sft.evaluation.select import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "--max_loss_increase" in printed and "5 percent" in printed and "--max_knowledge_drop" in printed
