@@ -71,7 +71,7 @@ class SelectArguments:
     )
     max_loss_increase: float | None = field(
         default=None,
-        metadata={"help": "Budget: held-out loss of each general source at most this share above base (0.05: 5 percent)."},
+        metadata={"help": "Budget: each general source's loss at most this share above base (0.05: 5 percent)."},
     )
     general_sources: list[str] | None = field(
         default=None,
