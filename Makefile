@@ -11,6 +11,9 @@ MODEL_PATH ?= output/smoke
 MERGED_DIR ?= $(MODEL_PATH)-merged
 SMOKE_OUTPUT := output/smoke
 GGUF_DIR ?= $(MODEL_PATH)-gguf
+# CHECKPOINT=selected (what `make select` chose), checkpoint-N or final: the checkpoint merge/serve/export-gguf take.
+CHECKPOINT ?=
+CHECKPOINT_ARG = $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 # llama.cpp's GGUF converter, as vendored in this llama-cpp-python source release (PyPI is all CI can reach).
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CPP := build/llama.cpp
@@ -20,7 +23,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv lock sft dpo pairs plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check gpu-kit
+.PHONY: help venv lock sft dpo pairs plan data tiny-model eval select chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check gpu-kit
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
@@ -30,9 +33,10 @@ help:
 	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
 	@echo "make eval ARGS='--knowledge cmmlu'                              ... and base vs fine-tuned accuracy (lm-eval)"
+	@echo "make select [MODEL_PATH=output/smoke] [ARGS='--max_loss_increase 0.05']  the checkpoint to keep"
 	@echo "make chat [MODEL_PATH=output/smoke]                             chat with it in the terminal"
 	@echo "make serve [MODEL_PATH=output/smoke] [ARGS='--port 8000']     OpenAI-compatible API + chat page on 127.0.0.1"
-	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]           merge the adapter into a standalone model"
+	@echo "make merge [MODEL_PATH=output/smoke] [CHECKPOINT=selected] [MERGED_DIR=...]           merge the adapter into a standalone model"
 	@echo "make export-gguf [MODEL_PATH=output/smoke] [GGUF_DIR=...] [ARGS='--quantization q8_0']  GGUF + Ollama Modelfile"
 	@echo "make test                                                       run the whole test suite"
 	@echo "make test-fast                                                  its quick tier (no training run, server or browser)"
@@ -106,6 +110,10 @@ gpu-kit: $(VENV)/.installed
 $(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config recipes/smoke.yaml
 
+# Score every checkpoint of a run and keep the best within the forgetting budget (ARGS='--max_knowledge_drop 1 ...').
+select: $(VENV)/.installed $(MODEL_DEPS)
+	$(PY) -m sft select --model_path $(MODEL_PATH) $(ARGS)
+
 eval: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft eval --model_path $(MODEL_PATH) $(ARGS)
 
@@ -113,13 +121,13 @@ chat: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft chat --model_path $(MODEL_PATH) $(ARGS)
 
 serve: $(VENV)/.installed $(MODEL_DEPS)
-	$(PY) -m sft serve --model_path $(MODEL_PATH) $(ARGS)
+	$(PY) -m sft serve --model_path $(MODEL_PATH) $(CHECKPOINT_ARG) $(ARGS)
 
 merge: $(VENV)/.installed $(MODEL_DEPS)
-	$(PY) -m sft merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
+	$(PY) -m sft merge --model_path $(MODEL_PATH) $(CHECKPOINT_ARG) --output_dir $(MERGED_DIR) $(ARGS)
 
 export-gguf: export-setup $(MODEL_DEPS)
-	$(PY) -m sft export-gguf --model_path $(MODEL_PATH) --output_dir $(GGUF_DIR) $(ARGS)
+	$(PY) -m sft export-gguf --model_path $(MODEL_PATH) $(CHECKPOINT_ARG) --output_dir $(GGUF_DIR) $(ARGS)
 
 # The `export` extra of pyproject.toml and llama.cpp's converter (1-2 minutes, once).
 export-setup: $(VENV)/.export-installed $(CONVERTER)

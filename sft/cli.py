@@ -18,6 +18,7 @@ COMMANDS = {
     "pairs": ("sft.preference.mining", "mine preference pairs from an SFT run's failures (pairs_stats.json)"),
     "dpo": ("sft.preference.launch", "preference-tune a finished SFT run's adapter (DPO) with a recipe"),
     "eval": ("sft.evaluation.evaluate", "evaluate a trained run on its held-out split"),
+    "select": ("sft.evaluation.select", "score every checkpoint of a run and keep the best within a forgetting budget"),
     "chat": ("sft.serving.chat", "chat with a trained run in the terminal"),
     "serve": ("sft.serving.server", "OpenAI-compatible API and a chat page on 127.0.0.1"),
     "merge": ("sft.export.merge", "merge the adapter into a standalone model"),

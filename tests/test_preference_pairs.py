@@ -61,8 +61,8 @@ def test_the_most_frequent_replies_come_from_the_data():
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": reply}]
         for reply in ["嗯嗯", "嗯嗯", "嗯嗯", "我也是", "我也是", "一次"]
     ]
-    assert most_frequent_replies(conversations, top=5) == ["嗯嗯", "我也是"]
-    assert most_frequent_replies(conversations, top=1) == ["嗯嗯"]
+    assert [r for r, _ in most_frequent_replies(conversations, top=5)] == ["嗯嗯", "我也是"]
+    assert [r for r, _ in most_frequent_replies(conversations, top=1)] == ["嗯嗯"]
 
 
 def write_jsonl(path, records):

@@ -24,6 +24,26 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 MERGE_INFO = "merge_info.json"
+SELECTION = Path("selection") / "selection.json"  # what `lccc-sft select` chose, inside the run folder
+CHECKPOINT_HELP = "A checkpoint of the run: checkpoint-N, final, or selected (the one `lccc-sft select` chose)."
+
+
+def checkpoint_path(model_path: str, checkpoint: str | None) -> str:
+    """The folder of one checkpoint of a run: `checkpoint-N`, `final` (the run folder itself) or `selected`."""
+    if checkpoint in (None, "final"):
+        return model_path
+    if checkpoint == "selected":
+        selection = Path(model_path) / SELECTION
+        if not selection.is_file():
+            raise UserError(f"{model_path} has no {SELECTION}: run `lccc-sft select --model_path {model_path}` first")
+        checkpoint = json.loads(selection.read_text(encoding="utf-8"))["selected"]
+        if checkpoint is None:
+            raise UserError(f"{selection}: no checkpoint met the forgetting budget; see selection.md beside it")
+        return checkpoint_path(model_path, checkpoint)
+    path = Path(model_path) / checkpoint
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"--checkpoint {checkpoint}: {path} holds no adapter (adapter_config.json)")
+    return str(path)
 
 
 @dataclass
@@ -38,6 +58,10 @@ class TrainedModelArguments:
         default=False, metadata={"help": "Load the base unquantized instead of 4-bit as in training."}
     )
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu (default: cuda when available)."})
+    checkpoint: str | None = field(default=None, metadata={"help": CHECKPOINT_HELP})
+
+    def __post_init__(self):
+        self.model_path = checkpoint_path(self.model_path, self.checkpoint)
 
     @property
     def quantize(self) -> bool | None:

@@ -35,6 +35,7 @@ from sft.common.inference import (
     start_command_logging,
 )
 from sft.evaluation.batch_generation import generate_replies
+from sft.evaluation.diagnostics import DiagnosticInputs, diagnose, diagnostic_inputs
 from sft.evaluation.held_out import held_out_conversations, reply_perplexity
 from sft.evaluation.metrics import score_replies
 from sft.evaluation.report import DECODINGS, markdown_report, metrics_table, plot_loss_curves
@@ -55,9 +56,11 @@ def evaluate_model(
     settings: dict,
     generation: GenerationArguments,
     label: str,
+    diagnostic_inputs: DiagnosticInputs,
     engine=None,
 ) -> dict:
-    """Perplexity, then replies decoded both ways with their metrics, speed and per-reply loop values.
+    """Perplexity, then replies decoded both ways with their metrics, speed and per-reply loop values, and the
+    diagnostics of the headline decoding's replies with their worst examples.
 
     `engine` (a `VllmReplies`) generates instead of `model`: with the adapter for the fine-tuned label only.
     """
@@ -65,14 +68,17 @@ def evaluate_model(
     perplexity = reply_perplexity(
         model, tokenizer, conversations, settings["max_length"], settings["batch_size"], settings["last_reply_only"]
     )
+
+    def generate(contexts: list[list[dict]], sample: bool = True):
+        if engine:
+            return engine.generate(tokenizer, contexts, generation, sample, adapter=label == "fine-tuned")
+        return generate_replies(model, tokenizer, contexts, generation, settings["batch_size"], sample)
+
     replies, scores, worst = {}, {}, []
     for decoding in DECODINGS:
         logger.info("%s: generating %d replies (%s)", label, len(contexts), decoding)
         sample = decoding == "sampling"
-        if engine:
-            generated = engine.generate(tokenizer, contexts, generation, sample, adapter=label == "fine-tuned")
-        else:
-            generated = generate_replies(model, tokenizer, contexts, generation, settings["batch_size"], sample)
+        generated = generate(contexts, sample)
         texts = [reply.text for reply in generated.replies]
         metrics, per_reply = score_replies(texts, references, [reply.stopped for reply in generated.replies])
         scores[decoding] = {**metrics, **generated.speed}
@@ -85,8 +91,21 @@ def evaluate_model(
                     {"model": label, "decoding": decoding, "context": context, "reply": reply.text, "loops": loops}
                     | {"stopped": reply.stopped, "tokens": reply.tokens, "repeated_ngram_rate": rate}
                 )
-    metrics = {"perplexity": perplexity.pop("perplexity"), **scores[HEADLINE_DECODING], **perplexity, **scores}
-    return {"metrics": metrics, "replies": replies, "worst": worst}
+    logger.info("%s: diagnostics of the %s replies", label, HEADLINE_DECODING)
+    diagnostics, examples = diagnose(
+        lambda more: [reply.text for reply in generate(more).replies],
+        contexts,
+        replies[HEADLINE_DECODING],
+        diagnostic_inputs,
+    )
+    metrics = {
+        "perplexity": perplexity.pop("perplexity"),
+        **scores[HEADLINE_DECODING],
+        **diagnostics,
+        **perplexity,
+        **scores,
+    }
+    return {"metrics": metrics, "replies": replies, "worst": worst, "diagnostic_examples": examples}
 
 
 def most_repetitive(worst: list[dict]) -> list[dict]:
@@ -116,6 +135,12 @@ class EvalArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "Conversations per forward pass or generate call."})
     num_examples: int = field(default=5, metadata={"help": "Example (and worst) replies shown in eval_report.md."})
+    generic_top_k: int = field(
+        default=20, metadata={"help": "The training data's this many most frequent replies count as generic."}
+    )
+    num_dialogues: int = field(
+        default=20, metadata={"help": "Multi-turn test dialogues answered turn by turn (cross-turn self-repetition)."}
+    )
     knowledge: list[str] | None = field(
         default=None,
         metadata={"help": "lm-eval tasks to score base and fine-tuned on (cmmlu, ceval-valid, ...).", "nargs": "+"},
@@ -134,8 +159,8 @@ class EvalArguments:
     )
 
     def __post_init__(self):
-        if self.num_samples < 0 or self.num_examples < 0:
-            raise UserError("--num_samples and --num_examples must be at least 0")
+        if min(self.num_samples, self.num_examples, self.num_dialogues, self.generic_top_k) < 0:
+            raise UserError("--num_samples, --num_examples, --num_dialogues and --generic_top_k must be at least 0")
         if self.batch_size < 1:
             raise UserError("--batch_size must be positive")
 
@@ -174,6 +199,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
         "loop": "a character 4-gram occurring 3 or more times in a reply (whitespace left out, overlaps counted)",
         "never_stopped": "the reply ran into max_new_tokens without the end-of-turn token",
     }
+    inputs = diagnostic_inputs(run, conversations, args.num_dialogues, args.generic_top_k, args.num_examples)
     if args.knowledge:
         from sft.evaluation.knowledge import accuracy, compare, task_manager
 
@@ -189,7 +215,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
 
     def evaluated(model, label: str) -> tuple[dict, dict | None]:
         result = evaluate_model(
-            model, tokenizer, ppl_conversations, contexts, references, settings, generation, label, engine
+            model, tokenizer, ppl_conversations, contexts, references, settings, generation, label, inputs, engine
         )
         if not args.knowledge:
             return result, None
@@ -235,6 +261,13 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
         "settings": settings,
         "loss_curves": str(curves) if curves else None,
         "worst": most_repetitive(tuned["worst"] + (base["worst"] if base else [])),
+        "diagnostics": {
+            "generic_replies": inputs.generic,
+            "dialogues": len(inputs.dialogues),
+            "system_prompt": inputs.system_prompt,
+            "examples": {"fine-tuned": tuned["diagnostic_examples"]}
+            | ({"base": base["diagnostic_examples"]} if base else {}),
+        },
         "samples": samples,
     }
     if args.knowledge:

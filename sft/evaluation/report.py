@@ -1,8 +1,11 @@
-"""The evaluation report: metric tables, the worst replies (loops, no stop), examples and loss curves."""
+"""The evaluation report: metric tables, the worst replies (loops, no stop), the Chinese chat diagnostics with their
+worst examples, examples and loss curves."""
 
 import json
 import logging
 from pathlib import Path
+
+from sft.evaluation.diagnostics import DIAGNOSTICS, ECHO_THRESHOLD, PROBE_MAX_CHARS, REPEAT_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,16 @@ DEFINITIONS = (
     "4-gram rate is 1 - distinct/all of its character 4-grams. The headline metrics in `eval_report.json` are "
     "those of the sampled replies, as in the LCCC paper."
 )
+DIAGNOSTIC_DEFINITIONS = (
+    "The diagnostics score the sampled replies. A reply is *generic* when it is one of the training data's most "
+    "frequent replies (listed below); *Latin-script drift* is the share of Latin characters in the replies whose "
+    "context has none, *traditional-character drift* the share of characters OpenCC's traditional-to-simplified "
+    "table changes, in the replies whose context has none; a reply *echoes* when more than "
+    f"{ECHO_THRESHOLD:.0%} of its characters copy the last user turn; in multi-turn test dialogues answered turn by "
+    "turn, a reply *repeats itself* when its similarity to an earlier reply of the same dialogue is at least "
+    f"{REPEAT_THRESHOLD}; a *system-prompt probe is kept* when the reply is simplified Chinese (no Latin letter, no "
+    f"traditional-only character) of at most {PROBE_MAX_CHARS} characters."
+)
 
 
 def format_value(key: str, value: float) -> str:
@@ -36,6 +49,7 @@ def format_value(key: str, value: float) -> str:
 def metric_rows(report: dict) -> list[list[str]]:
     """One row per metric and decoding: name, fine-tuned value, and the base value when compared."""
     rows = [("perplexity (replies)", "perplexity", None)]
+    rows += [(f"{name}, {DECODINGS[0]}", key, None) for key, name in DIAGNOSTICS.items()]
     for decoding in DECODINGS:
         rows += [(f"{name}, {decoding}", key, decoding) for key, name in METRIC_NAMES.items()]
     blocks = [report, report["base"]] if report.get("base") else [report]
@@ -83,6 +97,30 @@ def worst_section(worst: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def diagnostics_section(report: dict, num_examples: int) -> list[str]:
+    """The diagnostics' definitions, the generic replies of the training data, and each figure's worst examples."""
+    diagnostics = report["diagnostics"]
+    lines = ["## Chinese chat diagnostics", "", DIAGNOSTIC_DEFINITIONS, ""]
+    generic = diagnostics["generic_replies"]
+    if generic is not None:
+        shown = ", ".join(f"{reply} ({count})" for reply, count in generic[:num_examples]) or "none repeats"
+        lines += [f"The training data's most frequent replies (of {len(generic)} in the JSON report): {shown}.", ""]
+        for label, block in (("fine-tuned", report), ("base", report.get("base"))):
+            if block and block.get("generic_top"):
+                top = ", ".join(f"{reply} ({count})" for reply, count in block["generic_top"])
+                lines += [f"Generic replies of the {label} model: {top}.", ""]
+    for key, name in DIAGNOSTICS.items():
+        entries = [(label, entry) for label, ex in diagnostics["examples"].items() for entry in ex.get(key, [])]
+        if key not in report or not entries or not num_examples:
+            continue
+        lines += [f"### Worst: {name}", ""]
+        for label, entry in entries[:num_examples]:
+            reply = entry["reply"] or "(empty)"
+            lines.append(f"- **{label}** ({entry['value']:.2f}) after *{show_context(entry['context'])}*: {reply}")
+        lines.append("")
+    return lines
+
+
 def markdown_report(report: dict, num_examples: int) -> str:
     settings = report["settings"]
     lines = [
@@ -107,6 +145,7 @@ def markdown_report(report: dict, num_examples: int) -> str:
     if report.get("loss_curves"):
         lines += [f"![training and eval loss]({Path(report['loss_curves']).name})", ""]
     lines += worst_section(report["worst"][:num_examples]) if num_examples else []
+    lines += diagnostics_section(report, num_examples) if "diagnostics" in report else []
     if report["samples"] and num_examples:
         lines += ["## Examples", ""]
     compared = "base" in report

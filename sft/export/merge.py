@@ -25,7 +25,9 @@ from sft.common.errors import UserError, exits_cleanly_on_user_error
 from sft.common.files import reporting_full_disk, write_atomically
 from sft.common.generation import load_generation_defaults, save_generation_config
 from sft.common.inference import (
+    CHECKPOINT_HELP,
     MERGE_INFO,
+    checkpoint_path,
     default_device,
     load_base,
     quantization_label,
@@ -182,6 +184,10 @@ class MergeArguments:
     )
     device: str | None = field(default=None, metadata={"help": "Where to merge: cuda, cpu (default: cuda if any)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier merge in --output_dir."})
+    checkpoint: str | None = field(default=None, metadata={"help": CHECKPOINT_HELP})
+
+    def __post_init__(self):
+        self.model_path = checkpoint_path(self.model_path, self.checkpoint)
 
 
 @exits_cleanly_on_user_error

@@ -21,7 +21,7 @@ from sft.common.files import write_atomically
 from sft.common.generation import load_generation_defaults
 from sft.common.inference import load_model, start_command_logging
 from sft.data import load_conversations
-from sft.data.replies import most_frequent_replies
+from sft.data.replies import most_frequent_replies, reply_key
 from sft.evaluation.batch_generation import Reply, generate_replies
 from sft.evaluation.metrics import load_metric
 from sft.preference.config import PreferenceArguments, PreferenceRecipe, read_sft_run
@@ -44,7 +44,7 @@ def rejected_reason(reply: Reply, loops: bool, generic: set[str]) -> str | None:
         return "never_stopped"
     if loops:
         return "loop"
-    if reply.text.strip() in generic:
+    if reply_key(reply.text) in generic:
         return "generic"
     return None
 
@@ -63,11 +63,11 @@ def make_pairs(
     rng, pairs, dropped = random.Random(seed), [], Counter({drop: 0 for drop in DROPS})
     model_loops = loop_flags([reply.text for reply in model_replies])
     fluent = [
-        text.strip() != "" and text.strip() not in generic and not loop
+        text.strip() != "" and reply_key(text) not in generic and not loop
         for text, loop in zip(human, loop_flags(human), strict=True)
     ]
     for i, (context, chosen, reply) in enumerate(zip(contexts, human, model_replies, strict=True)):
-        if chosen.strip() in generic:  # preferring one generic reply to another teaches nothing against dullness
+        if reply_key(chosen) in generic:  # preferring one generic reply to another teaches nothing against dullness
             dropped["chosen_generic"] += 1
             continue
         reason = rejected_reason(reply, model_loops[i], generic)
@@ -123,7 +123,7 @@ def mine_pairs(preference: PreferenceArguments, seed: int, device: str | None = 
         return found
     run = read_sft_run(preference.sft_run)
     train = load_conversations(run.data, run.seed)["train"]
-    generic = most_frequent_replies(train["messages"], top=preference.generic_replies)
+    generic = [reply for reply, _ in most_frequent_replies(train["messages"], top=preference.generic_replies)]
     contexts, human = held_in_turns(train, preference.mine_contexts, seed)
     model, tokenizer = load_model(run, device=device), run.load_tokenizer()
     overrides = {"max_new_tokens": preference.mine_max_new_tokens} if preference.mine_max_new_tokens else {}
