@@ -26,6 +26,9 @@ class Facts:
     num_processes: int
     local_rank: int
     fsdp_activation_checkpointing: bool  # FSDP's own activation checkpointing is on (accelerate config)
+    gpu_name: str | None = None  # as torch.cuda.get_device_name reports it
+    memory_gb: float | None = None  # the GPU's total memory
+    peak_flops: float | None = None  # dense tensor-core peak in the run's precision (None: unknown)
 
 
 def env_flag(name: str) -> bool:
@@ -54,6 +57,7 @@ def machine_facts(training_args=None) -> Facts:
     cuda = torch.cuda.is_available() and not getattr(training_args, "use_cpu", False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if cuda else 0
     fsdp_config = getattr(training_args, "fsdp_config", None) or {}
+    gpu = torch.cuda.get_device_properties(local_rank) if cuda else None
     return Facts(
         cuda=cuda,
         capability=torch.cuda.get_device_capability(local_rank) if cuda else None,
@@ -63,7 +67,17 @@ def machine_facts(training_args=None) -> Facts:
         local_rank=local_rank,
         fsdp_activation_checkpointing=env_flag("FSDP_ACTIVATION_CHECKPOINTING")
         or bool(fsdp_config.get("activation_checkpointing")),
+        gpu_name=gpu.name if gpu else None,
+        memory_gb=round(gpu.total_memory / 1e9, 1) if gpu else None,
+        peak_flops=tabled_peak_flops(gpu.name, (gpu.major, gpu.minor)) if gpu else None,
     )
+
+
+def tabled_peak_flops(device_name: str, capability: tuple[int, int]) -> float | None:
+    """The GPU's dense peak in the precision the launcher uses on it (bf16 on 8.0+, else fp16), from TRL's table."""
+    from trl.trainer.utils import get_peak_flops
+
+    return get_peak_flops(device_name, "bfloat16" if capability >= (8, 0) else "float16")
 
 
 def has_native_bf16(facts: Facts) -> bool:
