@@ -4,15 +4,19 @@ import json
 import os
 import signal
 import stat
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from accelerate.utils import DistributedType
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils.launch import prepare_multi_gpu_env
 from helpers import LAUNCH, ROOT, run_command, start_command, wait_for
 
 from sft.train.checkpoints import latest_complete_checkpoint
@@ -139,16 +143,26 @@ def test_only_rank_zero_writes_the_output(one_process, two_processes):
     assert recipe["output_dir"] == str(two_processes.output_dir)
 
 
+def fsdp_plugin_launched_with(config_file: Path):
+    """The FSDP plugin a process started by `accelerate launch --config_file config_file` builds, and its warnings."""
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "sft/run.py"])
+    args, _, _ = _validate_launch_command(args)
+    with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        return FullyShardedDataParallelPlugin(), [str(w.message) for w in warned]
+
+
 @pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_every_launch_config_loads_with_accelerate(name):
     config = load_config_from_file(str(CONFIGS / name))
     assert config.num_processes >= 1 and config.num_machines >= 1
     if config.distributed_type == DistributedType.FSDP:
-        fsdp = config.fsdp_config
-        assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_sync_module_states"]
-        assert fsdp["fsdp_use_orig_params"] is False  # PEFT's FSDP-QLoRA setting
+        plugin, warned = fsdp_plugin_launched_with(CONFIGS / name)
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True  # FSDP2, fully sharded
+        assert plugin.cpu_ram_efficient_loading
         # sharded checkpoints (no full model gathered at each save); FSDP's own activation checkpointing
-        assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and fsdp["fsdp_activation_checkpointing"]
+        assert plugin.state_dict_type.name == "SHARDED_STATE_DICT" and plugin.activation_checkpointing
+        assert warned == []  # no FSDP1-only key that FSDP2 ignores with a warning
     if config.distributed_type == DistributedType.DEEPSPEED:
         assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_init_flag"]
 

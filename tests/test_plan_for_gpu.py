@@ -1,6 +1,7 @@
 """`lccc-sft plan --gpu NAME` (`make plan GPU=NAME`): a plan made on a CPU with a named GPU's facts, whether the
 run fits its memory, and an epoch estimate from the published MFU anchor."""
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -8,12 +9,13 @@ import sys
 import pytest
 import yaml
 from helpers import SMOKE_RECIPE, run_command
-from test_gpu_plan import ONE_GPU
+from test_gpu_plan import FSDP, LCCC_BASE_LIKE, ONE_GPU, recipe
 
 from sft.common.config import RunArguments, parse_recipe
 from sft.common.errors import UserError
 from sft.train.dry_run import dry_run, planned_facts
-from sft.train.gpus import ANCHORS, GPUS, LLAMA2_7B, flops_per_token, named_gpu, published_mfu
+from sft.train.gpus import ANCHORS, GPUS, LLAMA2_7B, flops_per_token, gpu_facts, named_gpu, published_mfu
+from sft.train.plan import decide
 
 # lccc_base's settings on the smoke model and the shipped sample
 LCCC_BASE_ON_SAMPLE = ["--config", "recipes/lccc_base.yaml", "--dataset_name", "sft/assets/lccc_sample.json"]
@@ -126,3 +128,15 @@ def test_make_plan_with_a_gpu_runs_the_bf16_recipe_on_a_cpu_and_without_says_wha
         refused = run_command(command)
         assert refused.returncode == 2
         assert "lccc-sft plan --gpu NAME" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_fsdp_is_refused_on_cpus_where_accelerate_would_train_plain_ddp():
+    with pytest.raises(UserError, match="FSDP needs GPUs.*--gpu NAME"):
+        decide(recipe(), dataclasses.replace(FSDP, cuda=False, capability=None))
+
+
+def test_an_fsdp2_plan_for_two_a100s_stores_4bit_weights_in_bf16(monkeypatch):
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    r = recipe(*LCCC_BASE_LIKE)
+    decide(r, gpu_facts(named_gpu("A100"), dataclasses.replace(FSDP, cuda=False, capability=None)))
+    assert r.model.bnb_4bit_quant_storage == "bfloat16" and r.training.model_init_kwargs["device_map"] is None
