@@ -39,19 +39,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from transformers.utils import is_liger_kernel_available
+from transformers.utils import is_liger_kernel_available, is_torch_flex_attn_available
 
 from benchmarks.common import RESULTS, ROOT, VARIANTS, Variant
+from sft.train.gpus import ANCHOR_SETTING, ANCHORS, LLAMA2_7B, flops_per_token, precision_of, published_mfu
 from sft.train.machine import attention_for, machine_facts
 
-LLAMA2_7B = {
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "intermediate_size": 11008,
-    "vocab_size": 32000,
-}
 SMALL = {
     "hidden_size": 128,
     "num_hidden_layers": 2,
@@ -60,15 +53,14 @@ SMALL = {
     "intermediate_size": 352,
     "vocab_size": 2048,
 }
-# LLaMA-Factory's published comparison: Llama-2-7B on one A100, batch 4, gradient accumulation 2, LoRA r=8,
-# length 1024.
+# LLaMA-Factory's published comparison (sft/train/gpus.py), with the MFU each figure implies.
 REFERENCES = [
-    {"name": "LLaMA-Factory reference: Hugging Face QLoRA 4-bit (A100, r=8)", "tokens_per_s": 2415, "memory_gb": 9},
-    {"name": "LLaMA-Factory reference: unsloth QLoRA 4-bit (A100, r=8)", "tokens_per_s": 3726, "memory_gb": 7},
+    {"name": a.name, "tokens_per_s": a.tokens_per_s, "memory_gb": a.memory_gb, "mfu": round(published_mfu(a), 4)}
+    for a in ANCHORS
 ]
-FULL_SETTINGS = {"lengths": [1024, 2048], "batch_size": 4, "grad_accum": 2, "lora_r": 64, "warmup_steps": 2, "steps": 4}
-SMALL_SETTINGS = {"lengths": [64, 128], "batch_size": 2, "grad_accum": 1, "lora_r": 16, "warmup_steps": 1, "steps": 2}
-LLAMA_FACTORY = {"length": 1024, "batch_size": 4, "grad_accum": 2, "lora_r": 8}  # scaled by --small below
+FULL_SETTINGS = {"lengths": [1024, 2048], "batch_size": 4, "grad_accum": 2, "lora_r": 64}
+SMALL_SETTINGS = {"lengths": [64, 128], "batch_size": 2, "grad_accum": 1, "lora_r": 16}
+TIMING = {"warmup_steps": 2, "steps": 10}  # at least 10 timed steps per row, for their spread
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grad_accum", type=int, help="gradient accumulation steps (2)")
     parser.add_argument("--lora_r", type=int, help="LoRA rank (64)")
     parser.add_argument("--warmup_steps", type=int, help="optimizer steps run before timing starts (2)")
-    parser.add_argument("--steps", type=int, help="optimizer steps timed (4)")
+    parser.add_argument("--steps", type=int, help="optimizer steps timed, each on its own for the spread (10)")
     parser.add_argument("--peak_tflops", type=float, help="the accelerator's dense bf16 peak, if not recognised")
     parser.add_argument("--time_budget_s", type=float, default=240, help="skip a measurement that would end later")
     parser.add_argument("--output", type=Path, help="results JSON (default benchmarks/results/speed_gpu*.json)")
@@ -95,11 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.small and not torch.cuda.is_available():
         print("no GPU here: running the scaled-down shape (--small); the 7B shape needs a GPU", file=sys.stderr)
         args.small = True
-    for key, value in (SMALL_SETTINGS if args.small else FULL_SETTINGS).items():
+    for key, value in {**(SMALL_SETTINGS if args.small else FULL_SETTINGS), **TIMING}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     fastest = "fa2" if launcher_attention() == "flash_attention_2" else "sdpa"
-    args.variants = args.variants or f"sdpa,sdpa-no-ckpt,fa2,{fastest}-liger,llamafactory-{fastest}"
+    args.variants = args.variants or f"sdpa,sdpa-no-ckpt,flex,fa2,{fastest}-liger,llamafactory-{fastest}"
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -110,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def launcher_attention() -> str:
     """What sft/train/plan.py picks for a bf16 run on this machine (one place for the rule: sft/train/machine.py)."""
-    return attention_for(machine_facts(), "bfloat16")
+    return attention_for(machine_facts(), "bfloat16", packed=True)
 
 
 def missing_for(variant: Variant, facts) -> str | None:
@@ -119,6 +111,11 @@ def missing_for(variant: Variant, facts) -> str | None:
         if not facts.cuda or facts.capability < (8, 0):
             return "FlashAttention-2 needs an Ampere-or-newer GPU"
         return "flash-attn is not installed"
+    if variant.attention == "flex_attention":
+        if not is_torch_flex_attn_available():
+            return "this torch has no flex_attention"
+        if not facts.cuda:
+            return "flex_attention has no backward on CPU (torch's _validate_device)"
     if variant.liger:
         if not facts.cuda:
             return "Liger kernels need a GPU"
@@ -133,7 +130,7 @@ def cells(args) -> list[dict]:
     for key in args.variants.split(","):
         variant = VARIANTS[key]
         if not variant.packing:
-            setting = dict(LLAMA_FACTORY)
+            setting = dict(ANCHOR_SETTING)
             if args.small:
                 setting = {**setting, "length": args.lengths[0], "lora_r": 8, "batch_size": 2, "grad_accum": 1}
             out.append({"variant": key, **setting})
@@ -151,22 +148,11 @@ def cells(args) -> list[dict]:
     return out
 
 
-def flops_per_token(shape: dict, lora_r: int, attended_length: float) -> float:
-    """4 N for the frozen weights of all matrix products, 6 N for the LoRA weights, PaLM's attention term."""
-    hidden, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
-    kv = hidden * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    inter = shape["intermediate_size"]
-    frozen = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) + hidden * vocab
-    # LoRA on every linear layer of the blocks (q, k, v, o, gate, up, down): r x (in + out) each
-    lora = layers * lora_r * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter))
-    return 4 * frozen + 6 * lora + 12 * layers * hidden * attended_length
-
-
-def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
-    """The accelerator's dense bf16 peak FLOP/s (TRL's table), or the override; None when unknown (no MFU then)."""
+def peak_flops(device_name: str, override_tflops: float | None, dtype: str = "bfloat16") -> float | None:
+    """The accelerator's dense peak FLOP/s in `dtype` (TRL's table), or the override; None when unknown (no MFU)."""
     from trl.trainer.utils import get_peak_flops
 
-    return override_tflops * 1e12 if override_tflops else get_peak_flops(device_name, "bfloat16")
+    return override_tflops * 1e12 if override_tflops else get_peak_flops(device_name, dtype)
 
 
 def one_gpu_env(environ: dict) -> dict:
@@ -175,7 +161,7 @@ def one_gpu_env(environ: dict) -> dict:
     return {**environ, "CUDA_VISIBLE_DEVICES": visible}
 
 
-def run_cell(cell: dict, checkpoint: Path, shape: dict, args, timeout: float) -> dict:
+def run_cell(cell: dict, checkpoint: Path, args, timeout: float) -> dict:
     """One measurement in its own process; a crash, out of memory or timeout becomes the row's reason."""
     command = [
         sys.executable,
@@ -197,7 +183,7 @@ def run_cell(cell: dict, checkpoint: Path, shape: dict, args, timeout: float) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_all(args, shape: dict, checkpoint: Path, facts, peak: float | None) -> list[dict]:
+def run_all(args, shape: dict, checkpoint: Path, facts, peak: float | None, dtype: str) -> list[dict]:
     """Every cell, with skips (not installed, no time left) and failures as rows."""
     started, longest, results = time.perf_counter(), 0.0, []
     for cell in cells(args):
@@ -211,10 +197,10 @@ def run_all(args, shape: dict, checkpoint: Path, facts, peak: float | None) -> l
         elif left < longest:
             row |= {"status": "skipped", "reason": f"would overrun the time budget of {args.time_budget_s:.0f} s"}
         else:
-            row |= run_cell(cell, checkpoint, shape, args, timeout=max(left, 60))
+            row |= run_cell({**cell, "dtype": dtype}, checkpoint, args, timeout=max(left, 60))
             longest = max(longest, time.perf_counter() - cell_started)
         if row["status"] == "ok":
-            model_flops = flops_per_token(shape, cell["lora_r"], row.pop("attended_length"))
+            model_flops = flops_per_token(shape, cell["lora_r"], row["attended_length"])
             row["model_flops_per_token"] = round(model_flops)
             row["model_tflops_per_s"] = float(f"{row['tokens_per_s'] * model_flops / 1e12:.4g}")
             row["mfu"] = round(row["tokens_per_s"] * model_flops / peak, 4) if peak else None
@@ -228,23 +214,26 @@ def markdown_table(results: list[dict], accelerator: str) -> str:
     lines = [
         f"{accelerator}: rows of `length` tokens, `batch` rows x `accum` steps per optimizer step",
         "",
-        "| variant | attention | ckpt | Liger | packing | r | batch x accum | length | tokens/s/GPU | peak allocated "
-        "/ reserved / paged optimizer | MFU |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | attention | ckpt | Liger | packing | r | batch x accum | length | tokens/s/GPU (range over steps) "
+        "| peak allocated / reserved / paged optimizer | as nvidia-smi | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         flags = f"| {r['key']} | {r['attention']} | {'on' if r['checkpointing'] else 'off'} | "
         flags += f"{'on' if r['liger'] else 'off'} | {'on' if r['packing'] else 'off'} | {r['lora_r']} | "
         flags += f"{r['batch_size']} x {r['grad_accum']} | {r['length']} |"
         if r["status"] != "ok":
-            lines.append(f"{flags} {r['status']}: {r['reason']} | | |")
+            lines.append(f"{flags} {r['status']}: {r['reason']} | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        memory = f"{r['peak_allocated_gb']:.1f} / {r['peak_reserved_gb']:.1f} / {r['paged_optimizer_gb']:.2f} GB"
-        lines.append(f"{flags} {r['tokens_per_s']:,.0f} | {memory} | {mfu} |")
+        spread = f"{r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f}, {r['timed_steps']} steps"
+        memory = f"{r['peak_allocated_gb']:.1f} / {r['peak_reserved_gb']:.1f} / {r['paged_optimizer_gb']:.2f}"
+        smi = f"{r['peak_nvidia_smi_gb']:.1f} GB" if r["peak_nvidia_smi_gb"] is not None else "n/a (CPU)"
+        lines.append(f"{flags} {r['tokens_per_s']:,.0f} ({spread}) | {memory} GB | {smi} | {mfu} |")
     for ref in REFERENCES:
         setting = "| | | | off | 8 | 4 x 2 | 1024 |"
-        lines.append(f"| {ref['name']} {setting} {ref['tokens_per_s']:,} | {ref['memory_gb']} GB | |")
+        figures = f"{ref['tokens_per_s']:,} | | {ref['memory_gb']} GB | {ref['mfu']:.1%} |"
+        lines.append(f"| {ref['name']} {setting} {figures}")
     return "\n".join(lines)
 
 
@@ -267,14 +256,16 @@ def main(argv=None) -> None:
     facts = machine_facts()
     shape = SMALL if args.small else LLAMA2_7B
     accelerator = torch.cuda.get_device_name(0) if facts.cuda else platform.processor() or "CPU"
-    peak = peak_flops(accelerator, args.peak_tflops) if facts.cuda else None
+    dtype = precision_of(facts) if facts.cuda else "float32"  # the launcher's: fp16 below compute capability 8.0
+    peak = peak_flops(accelerator, args.peak_tflops, dtype) if facts.cuda else None
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as checkpoint:
         write_random_checkpoint(shape, Path(checkpoint))
-        results = run_all(args, shape, Path(checkpoint), facts, peak)
+        results = run_all(args, shape, Path(checkpoint), facts, peak, dtype)
     packages = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "flash-attn", "liger-kernel")
     report = {
         "accelerator": accelerator,
-        "peak_bf16_flops": peak,
+        "precision": dtype,
+        "peak_flops": peak,
         "shape": shape,
         "settings": {k: v for k, v in vars(args).items() if k not in ("output", "cell")},
         "versions": {name: installed(name) for name in packages},

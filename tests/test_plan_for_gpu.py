@@ -140,3 +140,22 @@ def test_an_fsdp2_plan_for_two_a100s_stores_4bit_weights_in_bf16(monkeypatch):
     r = recipe(*LCCC_BASE_LIKE)
     decide(r, gpu_facts(named_gpu("A100"), dataclasses.replace(FSDP, cuda=False, capability=None)))
     assert r.model.bnb_4bit_quant_storage == "bfloat16" and r.training.model_init_kwargs["device_map"] is None
+
+
+def test_packed_rows_without_flash_attention_take_the_attention_the_figures_chose(monkeypatch):
+    """The rule is data (PACKED_ATTENTION_WITHOUT_FA2): SDPA until GPU figures show flex_attention faster."""
+    from sft.train import machine
+
+    t4 = gpu_facts(named_gpu("T4"), ONE_GPU)
+    packed, padded = recipe(*LCCC_BASE_LIKE, "--packing", "true"), recipe(*LCCC_BASE_LIKE, "--packing", "false")
+    decide(packed, t4)
+    assert packed.model.attn_implementation == "sdpa"
+    monkeypatch.setitem(machine.PACKED_ATTENTION_WITHOUT_FA2, "cuda", "flex_attention")
+    packed = recipe(*LCCC_BASE_LIKE, "--packing", "true")
+    decide(packed, t4)
+    decide(padded, t4)
+    assert packed.model.attn_implementation == "flex_attention" and packed.training.packing
+    assert padded.model.attn_implementation == "sdpa"
+    on_h100 = recipe(*LCCC_BASE_LIKE, "--packing", "true")
+    decide(on_h100, dataclasses.replace(ONE_GPU, flash_attn_2=True))
+    assert on_h100.model.attn_implementation == "flash_attention_2"

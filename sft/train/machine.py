@@ -13,6 +13,12 @@ from accelerate.utils import DistributedType
 from transformers.utils import is_flash_attn_2_available
 
 HALF_PRECISION = ("bfloat16", "float16")  # the dtypes FlashAttention-2 accepts
+# The attention for rows packed padding-free where FlashAttention-2 cannot run, by device: the decision rule as data,
+# for the GPU benchmark's figures to switch (docs/gpus-and-speed.md, "Attention and packing"). SDPA computes the
+# whole flattened micro-batch (batch x length tokens); flex_attention only each sequence's own blocks, but it has no
+# backward on CPU (torch/nn/attention/flex_attention.py, _validate_device) and no GPU figures exist yet. Set "cuda"
+# to "flex_attention" once a `make bench-gpu` flex row beats the sdpa row at the same length.
+PACKED_ATTENTION_WITHOUT_FA2 = {"cuda": "sdpa", "cpu": "sdpa"}
 
 
 @dataclass(frozen=True)
@@ -85,10 +91,13 @@ def has_native_bf16(facts: Facts) -> bool:
     return facts.cuda and facts.capability >= (8, 0)
 
 
-def attention_for(facts: Facts, dtype: str | None) -> str:
-    """FlashAttention-2 where installed on an Ampere-or-newer GPU and the weights are bf16/fp16, else SDPA."""
+def attention_for(facts: Facts, dtype: str | None, packed: bool = False) -> str:
+    """FlashAttention-2 where installed on an Ampere-or-newer GPU and the weights are bf16/fp16; else for packed rows
+    what PACKED_ATTENTION_WITHOUT_FA2 says, and SDPA for padded ones."""
     if has_native_bf16(facts) and facts.flash_attn_2 and dtype in HALF_PRECISION:
         return "flash_attention_2"
+    if packed:
+        return PACKED_ATTENTION_WITHOUT_FA2["cuda" if facts.cuda else "cpu"]
     return "sdpa"
 
 
