@@ -9,21 +9,23 @@ bf16 weights to a temporary checkpoint, one layer per file, so that nothing is d
 ever sits on the GPU: transformers' bitsandbytes loader reads it tensor by tensor and quantizes it to 4-bit NF4
 with double quantization (a 16 GB card suffices). Each cell (variant x length) then runs in its own process,
 pinned to one GPU (paged optimizer buffers are never freed within a process, and the Trainer refuses several
-GPUs in one process), and times real `SFTTrainer` steps with LoRA on every linear layer (r=64, alpha 16, dropout
-0.1, bf16, paged AdamW 32-bit: recipes/lccc_base.yaml) on random token sequences packed without padding (TRL's
-`bfd`) into rows of 1024 and 2048 tokens, 4 rows per batch and 2 accumulation steps. Variants: SDPA with
-activation checkpointing, SDPA without it, FlashAttention-2 and Liger kernels, measured where installed and
-listed as skipped otherwise. One more row reproduces LLaMA-Factory's published setting (LoRA r=8, batch 4,
-accumulation 2, rows of 1024 tokens, no packing) beside their 2,415 tokens/GPU/s on an A100; across GPU types
-compare MFU, not tokens/s.
+GPUs in one process), and times 10 real `SFTTrainer` optimizer steps (after 2 untimed ones), each on its own for
+the spread, with LoRA on every linear layer (r=64, alpha 16, dropout 0.1, paged AdamW 32-bit: recipes/lccc_base.yaml)
+in the precision the launcher would use there (bf16; fp16 below compute capability 8.0, sft/train/plan.py) on random
+token sequences packed without padding (TRL's `bfd`) into rows of 1024 and 2048 tokens, 4 rows per batch and 2
+accumulation steps. Variants: SDPA with activation checkpointing, SDPA without it, flex_attention, FlashAttention-2
+and Liger kernels, measured where they can run and listed as skipped otherwise. One more row reproduces
+LLaMA-Factory's published setting (LoRA r=8, batch 4, accumulation 2, rows of 1024 tokens, no packing) beside their
+2,415 tokens/GPU/s on an A100, with the MFU that figure implies; across GPU types compare MFU, not tokens/s.
 
-Model FLOPs per token: the frozen 4-bit weights get no weight gradient, so 4 N (forward and input gradient, N the
-weights of all matrix products, the LM head included, the embedding lookup not), plus 6 N_LoRA, plus PaLM's
-12 x layers x hidden x T for attention, T the length whose attention is really computed: each packed sequence's
-own under FlashAttention-2, the whole packed row under SDPA (whose mask does not skip the blocks it hides).
-Checkpointing's recomputation is not counted (model FLOPs, not hardware FLOPs). Memory: peak allocated and
-reserved by torch, and the paged optimizer states bitsandbytes keeps outside torch's allocator. Saves
-benchmarks/results/speed_gpu.json (speed_gpu_small.json for --small) and prints a Markdown table.
+Model FLOPs per token (sft/train/gpus.py, shared with `lccc-sft plan --gpu`): 4 N for the frozen 4-bit weights,
+6 N_LoRA, and PaLM's 12 x layers x hidden x T for attention, T the length whose attention is really computed: each
+packed sequence's own under FlashAttention-2 and flex_attention, the whole micro-batch under SDPA (TRL's
+padding-free collator concatenates the packed rows of a micro-batch into one sequence, and SDPA's mask does not skip
+the blocks it hides). Recomputation under checkpointing is not counted (model FLOPs, not hardware FLOPs). Memory:
+peak allocated and reserved by torch, the paged optimizer states bitsandbytes keeps outside torch's allocator, and
+their sum with the CUDA context, which is what nvidia-smi shows. Saves benchmarks/results/speed_gpu.json
+(speed_gpu_small.json for --small) and prints a Markdown table.
 """
 
 import argparse

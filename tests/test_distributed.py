@@ -303,3 +303,25 @@ def test_the_two_ranks_train_on_disjoint_halves_that_make_the_epoch(tiny_model, 
     assert sum(first.values()) == sum(second.values()) == 48
     assert not first.keys() & second.keys(), "a sample was trained on by both ranks"
     assert first + second == Counter(ranks[0]["epoch"]), "the two halves are not the epoch"
+
+
+def fsdp2_steps(processes: int, tiny_model: Path, output: Path) -> dict:
+    command = ["torchrun", "--standalone", "--nproc_per_node", str(processes), "tests/fsdp2_qlora_steps.py"]
+    result = run_command([*command, str(tiny_model), str(output)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_4bit_weights_stored_in_the_compute_dtype_on_two_cpu_processes(tiny_model, tmp_path):
+    """torch's FSDP2 over the 4-bit smoke model with LoRA, 2 gloo processes: the launcher cannot take this path on
+    CPUs (accelerate sets FSDP up only on GPUs), so this shows FSDP2 + bitsandbytes 4-bit themselves work: the
+    Params4bit weights become DTensor shards, the loss falls, and the LoRA weights equal a 1-process run's."""
+    two = fsdp2_steps(2, tiny_model, tmp_path / "two.json")
+    one = fsdp2_steps(1, tiny_model, tmp_path / "one.json")
+    assert two["world_size"] == 2 and two["stored"] == {"class": "Params4bit", "dtype": "torch.float32"}
+    assert two["sharded_class"] == "DTensor"
+    assert two["losses"][-1] < two["losses"][0]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    for name, values in one["lora"].items():
+        assert two["lora"][name] == pytest.approx(values, rel=1e-4, abs=1e-6), name
