@@ -9,14 +9,15 @@ bf16 weights to a temporary checkpoint, one layer per file, so that nothing is d
 ever sits on the GPU: transformers' bitsandbytes loader reads it tensor by tensor and quantizes it to 4-bit NF4
 with double quantization (a 16 GB card suffices). Each cell (variant x length) then runs in its own process,
 pinned to one GPU (paged optimizer buffers are never freed within a process, and the Trainer refuses several
-GPUs in one process), and times 10 real `SFTTrainer` optimizer steps (after 2 untimed ones), each on its own for
-the spread, with LoRA on every linear layer (r=64, alpha 16, dropout 0.1, paged AdamW 32-bit: recipes/lccc_base.yaml)
-in the precision the launcher would use there (bf16; fp16 below compute capability 8.0, sft/train/plan.py) on random
-token sequences packed without padding (TRL's `bfd`) into rows of 1024 and 2048 tokens, 4 rows per batch and 2
-accumulation steps. Variants: SDPA with activation checkpointing, SDPA without it, flex_attention, FlashAttention-2
-and Liger kernels, measured where they can run and listed as skipped otherwise. One more row reproduces
-LLaMA-Factory's published setting (LoRA r=8, batch 4, accumulation 2, rows of 1024 tokens, no packing) beside their
-2,415 tokens/GPU/s on an A100, with the MFU that figure implies; across GPU types compare MFU, not tokens/s.
+GPUs in one process), and times 10 real `SFTTrainer` optimizer steps (after 2 untimed ones; 3 after 1 with --small),
+each on its own for the spread, with LoRA on every linear layer (r=64, alpha 16, dropout 0.1, paged AdamW 32-bit:
+recipes/lccc_base.yaml) in the precision the launcher would use there (bf16; fp16 below compute capability 8.0,
+sft/train/plan.py) on random token sequences packed without padding (TRL's `bfd`) into rows of 1024 and 2048 tokens,
+4 rows per batch and 2 accumulation steps. Variants: SDPA with activation checkpointing, SDPA without it,
+flex_attention, FlashAttention-2 and Liger kernels, measured where they can run and listed as skipped otherwise. One
+more row reproduces LLaMA-Factory's published setting (LoRA r=8, batch 4, accumulation 2, rows of 1024 tokens, no
+packing) beside their 2,415 tokens/GPU/s on an A100, with the MFU that figure implies; across GPU types compare MFU,
+not tokens/s.
 
 Model FLOPs per token (sft/train/gpus.py, shared with `lccc-sft plan --gpu`): 4 N for the frozen 4-bit weights,
 6 N_LoRA, and PaLM's 12 x layers x hidden x T for attention, T the length whose attention is really computed: each
@@ -60,9 +61,16 @@ REFERENCES = [
     {"name": a.name, "tokens_per_s": a.tokens_per_s, "memory_gb": a.memory_gb, "mfu": round(published_mfu(a), 4)}
     for a in ANCHORS
 ]
-FULL_SETTINGS = {"lengths": [1024, 2048], "batch_size": 4, "grad_accum": 2, "lora_r": 64}
-SMALL_SETTINGS = {"lengths": [64, 128], "batch_size": 2, "grad_accum": 1, "lora_r": 16}
-TIMING = {"warmup_steps": 2, "steps": 10}  # at least 10 timed steps per row, for their spread
+# At least 10 timed steps per GPU row, for their spread; the CPU form (the suite's) times 3 to stay short.
+FULL_SETTINGS = {
+    "lengths": [1024, 2048],
+    "batch_size": 4,
+    "grad_accum": 2,
+    "lora_r": 64,
+    "warmup_steps": 2,
+    "steps": 10,
+}
+SMALL_SETTINGS = {"lengths": [64, 128], "batch_size": 2, "grad_accum": 1, "lora_r": 16, "warmup_steps": 1, "steps": 3}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,8 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, help="packed rows per device and micro-batch (4)")
     parser.add_argument("--grad_accum", type=int, help="gradient accumulation steps (2)")
     parser.add_argument("--lora_r", type=int, help="LoRA rank (64)")
-    parser.add_argument("--warmup_steps", type=int, help="optimizer steps run before timing starts (2)")
-    parser.add_argument("--steps", type=int, help="optimizer steps timed, each on its own for the spread (10)")
+    parser.add_argument("--warmup_steps", type=int, help="optimizer steps run before timing starts (2; 1 --small)")
+    parser.add_argument(
+        "--steps", type=int, help="optimizer steps timed, each on its own for the spread (10; 3 --small)"
+    )
     parser.add_argument("--peak_tflops", type=float, help="the accelerator's dense bf16 peak, if not recognised")
     parser.add_argument("--time_budget_s", type=float, default=240, help="skip a measurement that would end later")
     parser.add_argument("--output", type=Path, help="results JSON (default benchmarks/results/speed_gpu*.json)")
@@ -89,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.small and not torch.cuda.is_available():
         print("no GPU here: running the scaled-down shape (--small); the 7B shape needs a GPU", file=sys.stderr)
         args.small = True
-    for key, value in {**(SMALL_SETTINGS if args.small else FULL_SETTINGS), **TIMING}.items():
+    for key, value in (SMALL_SETTINGS if args.small else FULL_SETTINGS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     fastest = "fa2" if launcher_attention() == "flash_attention_2" else "sdpa"
