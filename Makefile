@@ -29,7 +29,7 @@ help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
 	@echo "make dpo [RECIPE=recipes/smoke_dpo.yaml] [ARGS=...]            preference-tune a finished SFT run (DPO)"
 	@echo "make pairs [RECIPE=recipes/smoke_dpo.yaml] [ARGS=...]          mine its preference pairs alone"
-	@echo "make plan [RECIPE=...] [ACCELERATE_CONFIG=...]                  what a run would decide, without loading or writing"
+	@echo "make plan [RECIPE=...] [ACCELERATE_CONFIG=...] [GPU=A100]       what a run would decide, without loading or writing"
 	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
 	@echo "make eval ARGS='--knowledge cmmlu'                              ... and base vs fine-tuned accuracy (lm-eval)"
@@ -86,7 +86,7 @@ pairs: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m sft pairs --config $(DPO_RECIPE) $(ARGS)
 
 plan: $(VENV)/.installed $(TINY_MODELS)
-	$(LAUNCH) --config $(RECIPE) --dry_run true $(ARGS)
+	$(LAUNCH) --config $(RECIPE) --dry_run true $(if $(GPU),--gpu $(GPU)) $(ARGS)
 
 data: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m sft data --config $(RECIPE) $(ARGS)

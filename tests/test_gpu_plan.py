@@ -4,6 +4,7 @@ DDP launch; and `--dry_run true`, which prints them."""
 import dataclasses
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -243,10 +244,12 @@ def test_each_rank_trains_on_a_gpu_it_sees(visible, local_rank, gpu, monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (9, 0))
+    h100 = SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 10**9, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: asked.append(index) or h100)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
     facts = machine_facts()
-    assert facts.local_rank == gpu and asked == [gpu]
+    assert facts.local_rank == gpu and set(asked) == {gpu}
     decide(r, facts)
     assert r.training.model_init_kwargs["device_map"] == {"": gpu}
 

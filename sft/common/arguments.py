@@ -142,7 +142,8 @@ def invalid_value_message(err: ValueError) -> str:
     if "support bf16" in message:
         return (
             "bf16 is on (TRL's default) but this machine has no bf16 support: set `bf16: false` in the recipe "
-            "or pass `--bf16 false`, and `--fp16 true` on a GPU without bf16"
+            "or pass `--bf16 false`, and `--fp16 true` on a GPU without bf16; to plan for a GPU from this machine, "
+            "`lccc-sft plan --gpu NAME` (`make plan GPU=NAME`: T4, L4, A10, 4090, A100, H100, H200)"
         )
     return message
 

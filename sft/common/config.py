@@ -12,7 +12,7 @@ import torch
 import yaml
 from trl import ModelConfig, SFTConfig
 
-from sft.common.arguments import parse_arguments, plain
+from sft.common.arguments import flag_names, parse_arguments, plain
 from sft.common.errors import UserError
 from sft.common.files import write_atomically
 
@@ -148,12 +148,19 @@ class RunArguments:
             "infinite, or whose loss is exactly 0, keeping the last good checkpoint; 0 turns the watch off."
         },
     )
+    gpu: str | None = field(
+        default=None,
+        metadata={
+            "help": "Plan for this GPU instead of this machine (with --dry_run): T4, L4, A10, 4090, A100-40GB, A100, "
+            "H100 or H200 (sft/train/gpus.py)"
+        },
+    )
 
 
 RECIPE_DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments)
 SECRET_KEYS = {"hub_token"}
 # How to start, not what to train: left out of recipe.yaml so a rerun with or without them still resumes.
-RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint", "dry_run", "stop_after_bad_steps"}
+RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint", "dry_run", "stop_after_bad_steps", "gpu"}
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, next to what a run trained
 RUN_SUMMARY = "run_summary.json"  # written last by a finished run; its `dtype` is the precision it trained in
 # Values no run can use: (part of the recipe, key, check, what is needed).
@@ -202,6 +209,8 @@ def parse_recipe(argv: list[str]) -> Recipe:
     defaults = {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         defaults["use_cpu"] = True  # several processes and no GPU: train together on the CPU (gloo)
+    if "gpu" in flag_names(argv) and not torch.cuda.is_available():
+        defaults["use_cpu"] = True  # a plan for a named GPU made here: its bf16 is that GPU's (sft/train/gpus.py)
     parsed = parse_arguments(RECIPE_DATACLASSES, argv, defaults=defaults)
     data, training, model, run = parsed.values
     resolved = resolve_choices(parsed.chosen, parsed.values)

@@ -15,6 +15,12 @@ from transformers.utils import is_flash_attn_2_available
 from sft.common.model import NATIVE_BF16_CAPABILITY
 
 HALF_PRECISION = ("bfloat16", "float16")  # the dtypes FlashAttention-2 accepts
+# The attention for rows packed padding-free where FlashAttention-2 cannot run, by device: the decision rule as data,
+# for the GPU benchmark's figures to switch (docs/gpus-and-speed.md, "Attention and packing"). SDPA computes the
+# whole flattened micro-batch (batch x length tokens); flex_attention only each sequence's own blocks, but it has no
+# backward on CPU (torch/nn/attention/flex_attention.py, _validate_device) and no GPU figures exist yet. Set "cuda"
+# to "flex_attention" once a `make bench-gpu` flex row beats the sdpa row at the same length.
+PACKED_ATTENTION_WITHOUT_FA2 = {"cuda": "sdpa", "cpu": "sdpa"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,9 @@ class Facts:
     num_processes: int
     local_rank: int  # the index of this process's GPU among those it sees (see gpu_of_this_process)
     fsdp_activation_checkpointing: bool  # FSDP's own activation checkpointing is on (accelerate config)
+    gpu_name: str | None = None  # as torch.cuda.get_device_name reports it
+    memory_gb: float | None = None  # the GPU's total memory
+    peak_flops: float | None = None  # dense tensor-core peak in the run's precision (None: unknown)
 
 
 def env_flag(name: str) -> bool:
@@ -62,6 +71,7 @@ def machine_facts(training_args=None) -> Facts:
     cuda = torch.cuda.is_available() and not getattr(training_args, "use_cpu", False)
     local_rank = gpu_of_this_process() if cuda else 0
     fsdp_config = getattr(training_args, "fsdp_config", None) or {}
+    gpu = torch.cuda.get_device_properties(local_rank) if cuda else None
     return Facts(
         cuda=cuda,
         capability=torch.cuda.get_device_capability(local_rank) if cuda else None,
@@ -71,7 +81,17 @@ def machine_facts(training_args=None) -> Facts:
         local_rank=local_rank,
         fsdp_activation_checkpointing=env_flag("FSDP_ACTIVATION_CHECKPOINTING")
         or bool(fsdp_config.get("activation_checkpointing")),
+        gpu_name=gpu.name if gpu else None,
+        memory_gb=round(gpu.total_memory / 1e9, 1) if gpu else None,
+        peak_flops=tabled_peak_flops(gpu.name, (gpu.major, gpu.minor)) if gpu else None,
     )
+
+
+def tabled_peak_flops(device_name: str, capability: tuple[int, int]) -> float | None:
+    """The GPU's dense peak in the precision the launcher uses on it (bf16 on 8.0+, else fp16), from TRL's table."""
+    from trl.trainer.utils import get_peak_flops
+
+    return get_peak_flops(device_name, "bfloat16" if capability >= (8, 0) else "float16")
 
 
 def has_native_bf16(facts: Facts) -> bool:
@@ -79,10 +99,13 @@ def has_native_bf16(facts: Facts) -> bool:
     return facts.cuda and facts.capability >= NATIVE_BF16_CAPABILITY
 
 
-def attention_for(facts: Facts, dtype: str | None) -> str:
-    """FlashAttention-2 where installed on an Ampere-or-newer GPU and the weights are bf16/fp16, else SDPA."""
+def attention_for(facts: Facts, dtype: str | None, packed: bool = False) -> str:
+    """FlashAttention-2 where installed on an Ampere-or-newer GPU and the weights are bf16/fp16; else for packed rows
+    what PACKED_ATTENTION_WITHOUT_FA2 says, and SDPA for padded ones."""
     if has_native_bf16(facts) and facts.flash_attn_2 and dtype in HALF_PRECISION:
         return "flash_attention_2"
+    if packed:
+        return PACKED_ATTENTION_WITHOUT_FA2["cuda" if facts.cuda else "cpu"]
     return "sdpa"
 
 

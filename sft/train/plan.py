@@ -39,6 +39,16 @@ def _set(changes: list[Change], part, key: str, value, why: str) -> None:
         setattr(part, key, value)
 
 
+def fsdp_needs_gpus(recipe: Recipe, facts: Facts, changes: list[Change]) -> None:
+    """accelerate turns a launch into FSDP only on GPUs (accelerate/state.py, AcceleratorState: the FSDP switch sits in
+    the branch for MULTI_GPU-like types); on CPUs the launch stays MULTI_CPU and would train as plain DDP."""
+    if facts.distributed_type == DistributedType.FSDP and not facts.cuda:
+        raise UserError(
+            "FSDP needs GPUs: on CPUs accelerate trains an FSDP launch as plain data parallel; use "
+            "accelerate_configs/cpu_2proc.yaml here, or plan for a GPU with --gpu NAME (make plan GPU=NAME)"
+        )
+
+
 def choose_precision(recipe: Recipe, facts: Facts, changes: list[Change]) -> None:
     """bf16 on Ampere and newer; on older GPUs (T4, V100) fp16 compute instead of bf16 emulated at a crawl."""
     training, model = recipe.training, recipe.model
@@ -55,7 +65,8 @@ def choose_attention(recipe: Recipe, facts: Facts, changes: list[Change]) -> Non
     """The recipe's attention if it can run, else FlashAttention-2 where it can, else SDPA."""
     model = recipe.model
     if model.attn_implementation is None:
-        _set(changes, model, "attn_implementation", attention_for(facts, model.dtype), "not set: the fastest here")
+        attention = attention_for(facts, model.dtype, packed=recipe.training.packing)
+        _set(changes, model, "attn_implementation", attention, "not set: the fastest here")
     elif model.attn_implementation.startswith("flash_attention") and model.dtype not in HALF_PRECISION:
         raise UserError(f"{model.attn_implementation} runs only in bfloat16/float16, but dtype is {model.dtype}")
 
@@ -140,6 +151,7 @@ def let_the_watch_see_bad_losses(recipe: Recipe, facts: Facts, changes: list[Cha
 
 
 RULES = (
+    fsdp_needs_gpus,
     choose_precision,
     choose_attention,
     choose_placement,
