@@ -1,0 +1,57 @@
+"""Launch decisions at their edges: an A100 (compute capability exactly 8.0) and FlashAttention asked for in fp32."""
+
+import dataclasses
+
+import pytest
+from accelerate.utils import DistributedType
+from helpers import SMOKE_RECIPE
+
+from sft.common.config import parse_recipe
+from sft.common.errors import UserError
+from sft.train.machine import Facts, attention_for, has_native_bf16
+from sft.train.plan import decide
+
+A100 = Facts(
+    cuda=True,
+    capability=(8, 0),
+    flash_attn_2=True,
+    distributed_type=DistributedType.NO,
+    num_processes=1,
+    local_rank=0,
+    fsdp_activation_checkpointing=False,
+)
+# lccc_base's precision on the smoke model (use_cpu only lets the bf16 recipe parse here)
+BF16 = ["--dtype", "bfloat16", "--bf16", "true", "--use_cpu", "true"]
+
+
+def recipe(*flags: str):
+    return parse_recipe(["--config", str(SMOKE_RECIPE), *flags])
+
+
+def test_an_a100_keeps_bf16_and_takes_flash_attention_2():
+    """Capability 8.0 is the first with native bf16: `>` instead of `>=` would move every A100 run to fp16."""
+    assert has_native_bf16(A100)
+    assert not has_native_bf16(dataclasses.replace(A100, capability=(7, 5)))
+    r = recipe(*BF16)
+    changes = {change.key for change in decide(r, A100)}
+    assert r.training.bf16 and not r.training.fp16 and r.model.dtype == "bfloat16"
+    assert r.model.attn_implementation == "flash_attention_2"
+    assert {"bf16", "fp16", "dtype"}.isdisjoint(changes)
+    assert attention_for(A100, "bfloat16") == "flash_attention_2"
+
+
+def test_an_a100_without_flash_attn_installed_takes_sdpa():
+    assert attention_for(dataclasses.replace(A100, flash_attn_2=False), "bfloat16") == "sdpa"
+
+
+@pytest.mark.parametrize("attention", ["flash_attention_2", "flash_attention_3"])
+def test_flash_attention_asked_for_in_float32_is_refused_with_the_plans_error(attention):
+    r = recipe("--attn_implementation", attention, "--dtype", "float32")
+    with pytest.raises(UserError, match=f"^{attention} runs only in bfloat16/float16, but dtype is float32$"):
+        decide(r, A100)
+
+
+def test_flash_attention_asked_for_in_half_precision_is_kept():
+    r = recipe("--attn_implementation", "flash_attention_2", *BF16)
+    decide(r, A100)
+    assert r.model.attn_implementation == "flash_attention_2"
