@@ -55,3 +55,31 @@ def test_flash_attention_asked_for_in_half_precision_is_kept():
     r = recipe("--attn_implementation", "flash_attention_2", *BF16)
     decide(r, A100)
     assert r.model.attn_implementation == "flash_attention_2"
+
+
+def test_machine_facts_on_a_gpu_read_this_processs_own_device(monkeypatch):
+    """Rank 3 of a 4-GPU DDP launch on A100s: its own GPU's capability; `use_cpu` turns the GPU facts off."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sft.train.machine import machine_facts
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: {3: (8, 0)}[device])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_ACTIVATION_CHECKPOINTING"):
+        monkeypatch.delenv(name, raising=False)
+    facts = machine_facts(SimpleNamespace(use_cpu=False))
+    assert (facts.cuda, facts.capability, facts.local_rank, facts.num_processes) == (True, (8, 0), 3, 4)
+    assert facts.distributed_type == DistributedType.MULTI_GPU and not facts.fsdp_activation_checkpointing
+    assert has_native_bf16(facts)
+    on_cpu = machine_facts(SimpleNamespace(use_cpu=True))
+    assert (on_cpu.cuda, on_cpu.capability, on_cpu.local_rank) == (False, None, 0)
+    assert on_cpu.distributed_type == DistributedType.MULTI_CPU
+    fsdp = SimpleNamespace(use_cpu=False, fsdp="full_shard", fsdp_config={"activation_checkpointing": True})
+    assert machine_facts(fsdp).distributed_type == DistributedType.FSDP
+    assert machine_facts(fsdp).fsdp_activation_checkpointing
+    deepspeed = SimpleNamespace(use_cpu=False, deepspeed="ds_config.json")
+    assert machine_facts(deepspeed).distributed_type == DistributedType.DEEPSPEED
