@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -14,7 +15,14 @@ import transformers
 import yaml
 from helpers import TINY_MODEL
 
-from sft.common.generation import GenerationArguments
+from sft.common.errors import UserError
+from sft.common.generation import (
+    GenerationArguments,
+    chosen_settings,
+    generation_kwargs,
+    load_generation_defaults,
+    save_generation_config,
+)
 from sft.common.inference import TrainedModelArguments
 from sft.evaluation.batch_generation import generate_replies
 from sft.serving import chat
@@ -202,3 +210,59 @@ def test_the_fine_tuned_and_base_ids_are_told_apart_by_what_each_model_generates
         for name in ("tuned", "tuned-base")
     }
     assert served == {"tuned": tuned, "tuned-base": base}
+
+
+# --- the settings themselves: checks, the decoding switch, saved with a run and read back -------------------------
+
+TOKENS = SimpleNamespace(eos_token_id=2, pad_token_id=0, bos_token_id=1)
+
+
+def test_generate_arguments_follow_the_decoding_asked_for():
+    settings = GenerationArguments(max_new_tokens=9, temperature=0.5, top_p=0.8, top_k=0, repetition_penalty=1.1)
+    fixed = {"max_new_tokens": 9, "eos_token_id": 2, "pad_token_id": 0, "num_beams": 1, "repetition_penalty": 1.1}
+    sampled = {**fixed, "no_repeat_ngram_size": 0, "do_sample": True, "top_p": 0.8, "temperature": 0.5, "top_k": 0}
+    assert generation_kwargs(TOKENS, settings) == sampled
+    greedy = {**fixed, "no_repeat_ngram_size": 0, "do_sample": False}
+    assert generation_kwargs(TOKENS, settings, sample=False) == greedy
+    assert generation_kwargs(TOKENS, dataclasses.replace(settings, do_sample=False)) == greedy
+    assert generation_kwargs(TOKENS, dataclasses.replace(settings, do_sample=False), sample=True) == sampled
+
+
+def test_settings_saved_with_a_run_read_back_the_same_and_flags_go_on_top(tmp_path):
+    settings = GenerationArguments(
+        max_new_tokens=33, do_sample=False, temperature=0.5, top_p=0.8, top_k=0, repetition_penalty=1.2,
+        no_repeat_ngram_size=3,
+    )  # fmt: skip
+    save_generation_config(tmp_path, settings, TOKENS)
+    assert load_generation_defaults(tmp_path) == settings
+    assert load_generation_defaults(tmp_path, {"top_k": 5}) == dataclasses.replace(settings, top_k=5)
+    assert chosen_settings(settings, ["top_k", "port", "seed"]) == {"top_k": 0, "seed": None}
+    assert load_generation_defaults(tmp_path / "elsewhere") == GenerationArguments()
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="is not a readable generation config"):
+        load_generation_defaults(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"max_new_tokens": 1}, {"top_p": 1.0}, {"top_k": 0}, {"no_repeat_ngram_size": 0}, {"repetition_penalty": 0.01}],
+)
+def test_the_smallest_and_largest_allowed_settings_are_accepted(values):
+    assert GenerationArguments(**values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"max_new_tokens": 0}, "--max_new_tokens must be positive"),
+        ({"top_p": 0.0}, r"--top_p must be in \(0, 1\]"),
+        ({"top_p": 1.01}, r"--top_p must be in \(0, 1\]"),
+        ({"temperature": 0.0}, "--temperature must be positive"),
+        ({"top_k": -1}, "--top_k and --no_repeat_ngram_size must be 0"),
+        ({"no_repeat_ngram_size": -1}, "--top_k and --no_repeat_ngram_size must be 0"),
+        ({"repetition_penalty": 0.0}, "--repetition_penalty must be positive"),
+    ],
+)
+def test_settings_out_of_range_are_one_clear_error(values, message):
+    with pytest.raises(UserError, match=message):
+        GenerationArguments(**values)
