@@ -83,3 +83,26 @@ def test_machine_facts_on_a_gpu_read_this_processs_own_device(monkeypatch):
     assert machine_facts(fsdp).fsdp_activation_checkpointing
     deepspeed = SimpleNamespace(use_cpu=False, deepspeed="ds_config.json")
     assert machine_facts(deepspeed).distributed_type == DistributedType.DEEPSPEED
+
+
+def test_one_process_without_a_launcher_is_not_distributed(monkeypatch):
+    from sft.train.machine import distributed_type_at_load
+
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed_type_at_load(None) == DistributedType.NO
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed_type_at_load(None) == DistributedType.NO
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [("1", True), ("true", True), ("True", True), ("yes", True), ("YES", True), ("0", False), ("false", False)],
+)
+def test_launcher_flags_read_as_the_launcher_and_users_write_them(monkeypatch, value, on):
+    from sft.train.machine import env_flag
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+    assert env_flag("ACCELERATE_USE_FSDP") is on
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert env_flag("ACCELERATE_USE_FSDP") is False
