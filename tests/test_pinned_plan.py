@@ -86,13 +86,25 @@ def test_machine_facts_on_a_gpu_read_this_processs_own_device(monkeypatch):
 
 
 def test_one_process_without_a_launcher_is_not_distributed(monkeypatch):
-    from sft.train.machine import distributed_type_at_load
+    """`python sft/run.py` on one GPU with flash-attn installed: no WORLD_SIZE or LOCAL_RANK in the environment."""
+    import torch
 
-    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+    from sft.train import machine
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(name, raising=False)
-    assert distributed_type_at_load(None) == DistributedType.NO
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: {0: (8, 0)}[device])
+    monkeypatch.setattr(machine, "is_flash_attn_2_available", lambda: True)
+    assert machine.distributed_type_at_load(None) == DistributedType.NO
+    facts = machine.machine_facts()
+    assert (facts.cuda, facts.local_rank, facts.num_processes, facts.flash_attn_2) == (True, 0, 1, True)
+    assert facts.distributed_type == DistributedType.NO
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert distributed_type_at_load(None) == DistributedType.NO
+    assert machine.distributed_type_at_load(None) == DistributedType.NO
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert machine.distributed_type_at_load(None) == DistributedType.MULTI_CPU
 
 
 @pytest.mark.parametrize(
