@@ -234,6 +234,9 @@ def test_settings_saved_with_a_run_read_back_the_same_and_flags_go_on_top(tmp_pa
         no_repeat_ngram_size=3,
     )  # fmt: skip
     save_generation_config(tmp_path, settings, TOKENS)
+    saved = json.loads((tmp_path / "generation_config.json").read_text(encoding="utf-8"))
+    # vLLM and TGI stop at the end-of-turn token the file names
+    assert (saved["eos_token_id"], saved["pad_token_id"], saved["bos_token_id"]) == (2, 0, 1)
     assert load_generation_defaults(tmp_path) == settings
     assert load_generation_defaults(tmp_path, {"top_k": 5}) == dataclasses.replace(settings, top_k=5)
     assert chosen_settings(settings, ["top_k", "port", "seed"]) == {"top_k": 0, "seed": None}
