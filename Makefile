@@ -23,7 +23,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv lock sft dpo pairs plan data tiny-model eval select chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check gpu-kit
+.PHONY: help venv lock sft dpo pairs plan data tiny-model eval select chat serve merge export-gguf export-setup test test-fast mutate lint clean bench-data bench bench-gpu gpu-check gpu-kit
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
@@ -40,6 +40,7 @@ help:
 	@echo "make export-gguf [MODEL_PATH=output/smoke] [GGUF_DIR=...] [ARGS='--quantization q8_0']  GGUF + Ollama Modelfile"
 	@echo "make test                                                       run the whole test suite"
 	@echo "make test-fast                                                  its quick tier (no training run, server or browser)"
+	@echo "make mutate [MUTANTS='sft.train.plan.*']                        mutation testing of the decision modules (mutmut)"
 	@echo "make lint                                                       ruff"
 	@echo "make lock                                                       regenerate requirements.txt (the tested versions)"
 	@echo "make tiny-model                                                 build the smoke runs' tiny models"
@@ -151,6 +152,14 @@ test: $(VENV)/.installed $(TINY_MODELS) export-setup
 # The quick tier: no training run, server, browser or export (tests marked `slow` are left out).
 test-fast: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Mutation testing (mutmut, configured in pyproject.toml; not part of CI): every mutant of the configured modules, or
+# those whose names match MUTANTS (e.g. 'sft.train.plan.*'); results stay in mutants/ (`mutmut results`, `mutmut show`).
+MUTANTS ?=
+mutate: $(VENV)/.installed $(TINY_MODELS) export-setup
+	rm -rf mutants
+	nice $(VENV)/bin/mutmut run $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
