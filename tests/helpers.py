@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -107,3 +108,16 @@ def interpreter_without(folder: Path, distributions: tuple[str, ...] = ()) -> Pa
     ).stdout.strip()
     (Path(own_site) / "installed.pth").write_text(f"{visible}\n")
     return python
+
+
+def fake_gpus(monkeypatch, count: int, capability: tuple[int, int], name: str = "NVIDIA A100-SXM4-80GB") -> list[int]:
+    """Make torch report `count` GPUs of one kind; returns the device indices asked about, in order."""
+    import torch
+
+    asked: list[int] = []
+    props = SimpleNamespace(name=name, total_memory=80 * 10**9, major=capability[0], minor=capability[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: asked.append(index) or props)
+    return asked

@@ -14,6 +14,7 @@ import torch
 import transformers
 import yaml
 from helpers import TINY_MODEL
+from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from sft.common.errors import UserError
 from sft.common.generation import (
@@ -26,7 +27,7 @@ from sft.common.generation import (
 from sft.common.inference import TrainedModelArguments
 from sft.evaluation.batch_generation import generate_replies
 from sft.serving import chat
-from sft.serving.generator import Generator, split_at_stop
+from sft.serving.generator import Decoding, Generator, split_at_stop
 from sft.serving.server import ServeArguments, Service, build_app, load_service
 
 SYSTEM_PROMPT = "你是一个友好的聊天助手"
@@ -61,6 +62,20 @@ def generate_calls(monkeypatch) -> list[dict]:
     return calls
 
 
+@pytest.fixture
+def served_warpers(monkeypatch) -> list[list]:
+    """The logits processors the server builds for each request's row (it samples each row itself)."""
+    calls, original = [], Decoding.processors
+
+    def spy(self, *args, **kwargs):
+        chosen = original(self, *args, **kwargs)
+        calls.append(chosen)
+        return chosen
+
+    monkeypatch.setattr(Decoding, "processors", spy)
+    return calls
+
+
 def post(service: Service, **body) -> dict | list[dict]:
     """One chat completion from the app in-process: the JSON answer, or a stream's chunks."""
 
@@ -86,11 +101,14 @@ def streamed_text(chunks: list[dict]) -> str:
 
 
 @pytest.mark.parametrize("top_k", [0, 7])
-def test_top_k_reaches_generate_when_serving(service, generate_calls, top_k):
-    """0 too: without it transformers applies its default top-k of 50."""
+def test_top_k_reaches_generate_when_serving(service, generate_calls, served_warpers, top_k):
+    """0 too: no top-k at all, where transformers' own sampling would apply its default of 50. The server draws
+    each row's token itself (generate samples nothing), so the row's own processors are what count."""
     served = dataclasses.replace(service, defaults=GenerationArguments(top_k=top_k))
     post(served, model=service.tuned_id, max_tokens=2, temperature=0.5)
-    assert generate_calls[-1]["top_k"] == top_k and generate_calls[-1]["do_sample"] is True
+    assert generate_calls[-1]["do_sample"] is False
+    top_ks = [w.top_k for w in served_warpers[-1] if isinstance(w, TopKLogitsWarper)]
+    assert top_ks == ([top_k] if top_k else [])
 
 
 @pytest.mark.parametrize("top_k", [0, 7])
@@ -109,9 +127,9 @@ def test_top_k_reaches_generate_in_eval(service, generate_calls, top_k):
 # --- a request's parameters ----------------------------------------------------------------------------------------
 
 
-def test_a_requests_top_p_reaches_generate(service, generate_calls):
+def test_a_requests_top_p_reaches_generate(service, served_warpers):
     post(service, model=service.tuned_id, max_tokens=2, top_p=0.3)
-    assert generate_calls[-1]["top_p"] == 0.3
+    assert [w.top_p for w in served_warpers[-1] if isinstance(w, TopPLogitsWarper)] == [0.3]
 
 
 def test_max_completion_tokens_limits_the_reply(service, generate_calls):

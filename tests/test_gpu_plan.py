@@ -4,13 +4,12 @@ DDP launch; and `--dry_run true`, which prints them."""
 import dataclasses
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from accelerate.utils import DistributedType
-from helpers import SMOKE_RECIPE, run_command
+from helpers import SMOKE_RECIPE, fake_gpus, run_command
 
 from sft.common.config import parse_recipe
 from sft.common.inference import read_run, without_emulated_bf16
@@ -240,12 +239,7 @@ def test_each_rank_trains_on_a_gpu_it_sees(visible, local_rank, gpu, monkeypatch
     """A scheduler that shows each rank one GPU (CUDA_VISIBLE_DEVICES per rank) gives rank 1 only cuda:0: the
     model goes where the Accelerator puts the batches (LOCAL_RANK modulo the visible GPUs), not to cuda:1."""
     r = recipe(*LCCC_BASE_LIKE)
-    asked = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (9, 0))
-    h100 = SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 10**9, major=9, minor=0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: asked.append(index) or h100)
+    asked = fake_gpus(monkeypatch, visible, (9, 0), "NVIDIA H100 80GB HBM3")
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
     facts = machine_facts()

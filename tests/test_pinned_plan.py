@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 from accelerate.utils import DistributedType
-from helpers import SMOKE_RECIPE
+from helpers import SMOKE_RECIPE, fake_gpus
 
 from sft.common.config import parse_recipe
 from sft.common.errors import UserError
@@ -61,18 +61,16 @@ def test_machine_facts_on_a_gpu_read_this_processs_own_device(monkeypatch):
     """Rank 3 of a 4-GPU DDP launch on A100s: its own GPU's capability; `use_cpu` turns the GPU facts off."""
     from types import SimpleNamespace
 
-    import torch
-
     from sft.train.machine import machine_facts
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: {3: (8, 0)}[device])
+    asked = fake_gpus(monkeypatch, 4, (8, 0))
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_ACTIVATION_CHECKPOINTING"):
         monkeypatch.delenv(name, raising=False)
     facts = machine_facts(SimpleNamespace(use_cpu=False))
     assert (facts.cuda, facts.capability, facts.local_rank, facts.num_processes) == (True, (8, 0), 3, 4)
+    assert set(asked) == {3}
     assert facts.distributed_type == DistributedType.MULTI_GPU and not facts.fsdp_activation_checkpointing
     assert has_native_bf16(facts)
     on_cpu = machine_facts(SimpleNamespace(use_cpu=True))
@@ -93,8 +91,7 @@ def test_one_process_without_a_launcher_is_not_distributed(monkeypatch):
 
     for name in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: {0: (8, 0)}[device])
+    fake_gpus(monkeypatch, 1, (8, 0))
     monkeypatch.setattr(machine, "is_flash_attn_2_available", lambda: True)
     assert machine.distributed_type_at_load(None) == DistributedType.NO
     facts = machine.machine_facts()
