@@ -22,10 +22,11 @@ import torch
 from sft.common.arguments import parse_arguments
 from sft.common.config import RECIPE_FILE
 from sft.common.errors import UserError, exits_cleanly_on_user_error
-from sft.common.files import reporting_full_disk, write_atomically
+from sft.common.files import check_not_inside, check_writable_folder, reporting_full_disk, write_atomically
 from sft.common.generation import load_generation_defaults, save_generation_config
 from sft.common.inference import (
     MERGE_INFO,
+    check_device,
     default_device,
     load_base,
     quantization_label,
@@ -83,9 +84,11 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
 
 
 def check_output_dir(output_dir: Path, model_path: Path, overwrite: bool, marker: str = MERGE_INFO) -> None:
-    """Refuse to write into the run itself, or over anything but an earlier output of the same command (`marker`)."""
-    if output_dir.resolve() == model_path.resolve():
-        raise UserError("--output_dir must differ from --model_path: the output would overwrite the run")
+    """Refuse to write into the run itself, where nothing can be written, or over anything but an earlier output of
+    the same command (`marker`)."""
+    check_not_inside(output_dir, model_path, "--output_dir", "--model_path")
+    check_writable_folder(output_dir, "--output_dir")
+    check_writable_folder(output_dir.parent, "the folder of --output_dir")  # where the output is staged
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return
     if not overwrite:
@@ -183,6 +186,9 @@ class MergeArguments:
     )
     device: str | None = field(default=None, metadata={"help": "Where to merge: cuda, cpu (default: cuda if any)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier merge in --output_dir."})
+
+    def __post_init__(self):
+        check_device(self.device)
 
 
 @exits_cleanly_on_user_error
