@@ -82,7 +82,7 @@ def sniff_json(path: Path) -> str:
     if not head:
         raise UserError(f"{path} is empty")
     first_line, _, rest = head.partition("\n")
-    with contextlib.suppress(json.JSONDecodeError):
+    with contextlib.suppress(json.JSONDecodeError, RecursionError):  # a line nested too deep is judged below
         json.loads(first_line)
         if rest.strip():
             return "jsonl"

@@ -24,8 +24,11 @@ def main(argv: list[str] | None = None) -> dict:
         level=recipe.training.get_process_log_level(),
     )
     check_model_source(recipe.model.model_name_or_path)
+    from sft.train.dry_run import check_planned_memory, dry_run
+    from sft.train.machine import machine_facts
+
+    check_planned_memory(recipe, machine_facts(recipe.training))
     if recipe.run.dry_run:
-        from sft.train.dry_run import dry_run
 
         plan = dry_run(recipe)
         if int(os.environ.get("RANK", "0")) == 0:  # one plan per launch, not one per process
