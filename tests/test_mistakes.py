@@ -321,6 +321,8 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise ReachedModelLoading("a model was loaded before the mistake was found")
 
+    # every model class loads through PreTrainedModel.from_pretrained (TRL calls the architecture's class directly)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 

@@ -19,7 +19,6 @@ from trl import TrlParser
 
 from sft.common.errors import UserError
 
-
 # Float arguments for which infinity means something (`max_grad_norm: .inf`: measure the norm, never clip); every
 # other float must be finite, and NaN never passes.
 INFINITY_ALLOWED = {"max_grad_norm"}
@@ -76,7 +75,7 @@ def read_recipe_file(path: str) -> dict:
     try:
         recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise UserError(f"recipe {path} is not UTF-8 text (byte {err.start} cannot be read): give a YAML file") from None
+        raise UserError(f"recipe {path} is not UTF-8 text (byte {err.start}): give a YAML file") from None
     except OSError as err:
         raise UserError(f"cannot read recipe {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:

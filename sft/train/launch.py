@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     check_planned_memory(recipe, machine_facts(recipe.training))
     if recipe.run.dry_run:
-
         plan = dry_run(recipe)
         if int(os.environ.get("RANK", "0")) == 0:  # one plan per launch, not one per process
             print(yaml.safe_dump(plan, allow_unicode=True, sort_keys=False), end="")
