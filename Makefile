@@ -19,7 +19,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CPP := build/llama.cpp
 CONVERTER := $(LLAMA_CPP)/convert_hf_to_gguf.py
 CONVERTER_FILES := convert_hf_to_gguf.py conversion gguf-py LICENSE
-LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) sft/run.py
+LAUNCH = $(PY) -m sft.train.accelerate_config $(ACCELERATE_CONFIG) && $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) sft/run.py
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 

@@ -13,12 +13,13 @@ if not __package__:
 import sys  # noqa: E402
 
 from sft.common.errors import exits_cleanly_on_user_error  # noqa: E402
-from sft.preference.config import is_preference_recipe  # noqa: E402
 
 
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None):
     """Run the stage the recipe is for: preference tuning when it names `sft_run`, else SFT."""
+    from sft.preference.config import is_preference_recipe
+
     argv = sys.argv[1:] if argv is None else argv
     if is_preference_recipe(argv):
         from sft.preference.launch import main as stage
@@ -28,4 +29,6 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    from sft.cli import main as cli
+
+    cli(["train", *sys.argv[1:]])  # through the CLI's wrapper: Ctrl-C while importing is one line too

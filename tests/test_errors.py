@@ -156,4 +156,4 @@ def test_an_output_dir_that_cannot_be_created(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     message = run_main(capsys, *smoke("--output_dir", str(blocker / "out")))
-    assert message == f"error: cannot use output_dir {blocker / 'out'}: Not a directory"
+    assert message == f"error: cannot use output_dir {blocker / 'out'}: {blocker} is a file, not a folder"

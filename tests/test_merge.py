@@ -101,7 +101,7 @@ def test_pipeline_generates_from_the_merged_model_without_peft(merged):
 
 def test_merge_refuses_to_overwrite_the_adapter_or_merge_a_merged_model(smoke_run, merged, capsys):
     for argv, message in [
-        (["--model_path", str(smoke_run), "--output_dir", str(smoke_run)], "must differ from --model_path"),
+        (["--model_path", str(smoke_run), "--output_dir", str(smoke_run)], "must lie outside --model_path"),
         (["--model_path", str(smoke_run), "--output_dir", str(merged)], "exists and is not empty"),
         (["--model_path", str(merged), "--output_dir", str(merged) + "-again"], "nothing to merge"),
         (["--model_path", str(smoke_run), "--output_dir", str(smoke_run.parent), "--overwrite"], "only an earlier"),

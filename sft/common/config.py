@@ -14,7 +14,7 @@ from trl import ModelConfig, SFTConfig
 
 from sft.common.arguments import flag_names, parse_arguments, plain
 from sft.common.errors import UserError
-from sft.common.files import write_atomically
+from sft.common.files import check_not_inside, check_writable_folder, write_atomically
 
 # The training argument that turns activation checkpointing on: `activation_checkpointing` since transformers 5.23,
 # `gradient_checkpointing` before (sft/common/arguments.py reads a recipe's newer name as the older one there).
@@ -167,10 +167,14 @@ RUN_SUMMARY = "run_summary.json"  # written last by a finished run; its `dtype` 
 VALUE_RULES = [
     ("training", "learning_rate", lambda v: v > 0, "a positive number"),
     ("training", "per_device_train_batch_size", lambda v: v >= 1, "at least 1"),
+    ("training", "per_device_eval_batch_size", lambda v: v >= 1, "at least 1"),
     ("training", "gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
     ("training", "num_train_epochs", lambda v: v > 0, "a positive number"),
     ("training", "max_length", lambda v: v is None or v >= 8, "at least 8 tokens"),
     ("training", "warmup_steps", lambda v: v >= 0, "zero or more"),
+    ("training", "save_steps", lambda v: v > 0, "a positive number (a share of the run when below 1)"),
+    ("training", "eval_steps", lambda v: v is None or v > 0, "a positive number (a share of the run when below 1)"),
+    ("training", "logging_steps", lambda v: v > 0, "a positive number (a share of the run when below 1)"),
     ("model", "lora_r", lambda v: v >= 1, "at least 1"),
     ("run", "stop_after_bad_steps", lambda v: v >= 0, "zero (off) or more"),
     ("model", "lora_alpha", lambda v: v > 0, "a positive number"),
@@ -220,11 +224,53 @@ def parse_recipe(argv: list[str]) -> Recipe:
 
 
 def check_values(recipe: Recipe) -> None:
-    """Refuse values that parse but no run can use (a negative learning rate, `lora_r: 0`, ...)."""
+    """Refuse values that parse but no run can use (a negative learning rate, `lora_r: 0`, ...), and places a run
+    cannot write to, before anything is loaded."""
     for part, key, is_valid, needed in VALUE_RULES:
         value = getattr(getattr(recipe, part), key)
         if not is_valid(value):
             raise UserError(f"`{key}` must be {needed}, got {value!r}")
+    check_attention(recipe.model.attn_implementation)
+    check_trackers(recipe.training.report_to)
+    check_places(recipe)
+
+
+def check_attention(name: str | None) -> None:
+    """An attention implementation transformers knows (or a Hub kernel, `org/name`), else it fails after loading."""
+    from transformers import AttentionInterface
+
+    known = ["eager", *AttentionInterface().valid_keys()]
+    if name is not None and "/" not in name and name not in known:
+        raise UserError(f"unknown attn_implementation {name!r}: use one of {', '.join(known)}")
+
+
+def check_trackers(report_to: list[str] | str | None) -> None:
+    """Each tracker in `report_to` is one transformers knows and installed here (else the run fails after loading)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = [report_to] if isinstance(report_to, str) else report_to or []
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name in ("none", "all") or name in installed:
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"report_to: unknown tracker {name!r}; known: {', '.join(INTEGRATION_TO_CALLBACK)}")
+        raise UserError(f"report_to: {name} is not installed here; `pip install {name}` or leave it out of report_to")
+
+
+def check_places(recipe: Recipe) -> None:
+    """The output folder can be written and is not the base model's own folder; a checkpoint to resume exists."""
+    output_dir = recipe.training.output_dir
+    check_writable_folder(output_dir, "output_dir")
+    base = recipe.model.model_name_or_path
+    if base and Path(base).is_dir():
+        check_not_inside(output_dir, base, "output_dir", "the base model's folder (model_name_or_path)")
+    resume = recipe.training.resume_from_checkpoint
+    if resume and not Path(resume).is_dir():
+        raise UserError(f"resume_from_checkpoint {resume} is not a folder: give a checkpoint-* folder of a run")
 
 
 def save_resolved_recipe(recipe: Recipe, output_dir: str) -> Path:

@@ -62,11 +62,51 @@ class TrainedModelArguments:
 
     def __post_init__(self):
         self.model_path = checkpoint_path(self.model_path, self.checkpoint)
+        check_device(self.device)
 
     @property
     def quantize(self) -> bool | None:
         """None follows the recipe (4-bit when training was); False loads the base unquantized."""
         return False if self.no_quantize else None
+
+
+def check_device(device: str | None) -> None:
+    """A device this machine has: `cuda` without a GPU (or `cuda:3` on a two-GPU machine) fails before loading."""
+    if device is None:
+        return
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: use cpu, cuda or cuda:N") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU (use --device cpu)")
+    if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+def read_json(path: Path) -> dict:
+    """A small JSON file of a run (adapter_config.json, merge_info.json), or one line saying it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path} cannot be read ({str(err).splitlines()[0]}): it is damaged or not JSON") from None
+
+
+def check_adapter_weights(path: Path) -> None:
+    """The adapter's weights read back whole (the safetensors header describes the file's bytes), before any
+    model is loaded: a truncated copy is named here, not deep inside peft."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        if not (path / "adapter_model.bin").is_file():
+            raise UserError(f"{path} has adapter_config.json but no adapter weights (adapter_model.safetensors)")
+        return
+    try:
+        with safe_open(weights, "pt") as opened:
+            opened.keys()
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{weights} is damaged ({str(err).splitlines()[0]}); copy or train the run again") from None
 
 
 def resolve_local(name: str | None) -> str | None:
@@ -155,13 +195,19 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
         recipe_path = path.parent / RECIPE_FILE  # a checkpoint inside a run's output folder
     recipe = read_recipe_file(str(recipe_path)) if recipe_path.is_file() else {}
 
+    if is_adapter:
+        adapter_config = read_json(path / "adapter_config.json")
+        check_adapter_weights(path)
     if base_model is None and is_adapter:
-        adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         base_model = adapter_config.get("base_model_name_or_path") or recipe.get("model_name_or_path")
     elif base_model is None and (path / MERGE_INFO).is_file():
-        base_model = json.loads((path / MERGE_INFO).read_text(encoding="utf-8")).get("base_model")
+        base_model = read_json(path / MERGE_INFO).get("base_model")
     if is_adapter and not base_model:
         raise UserError(f"{model_path}/adapter_config.json names no base model; give it with --base_model")
+    if is_adapter:
+        from sft.common.model import check_model_source
+
+        check_model_source(resolve_local(base_model))
 
     data = None
     if recipe.get("dataset_name") or recipe.get("datasets"):

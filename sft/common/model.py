@@ -24,12 +24,25 @@ def check_model_source(name: str | None) -> None:
         raise UserError("no model given: set `model_name_or_path` in the recipe")
     path = Path(name)
     if path.is_dir():
+        check_model_folder(path)
         return
     meant_local = name.startswith((".", "/", "~")) or path.exists() or Path(path.parts[0]).is_dir()
     if name in TINY_MODEL_DIRS.values():
         raise UserError(f"the smoke model {name} is not built yet: run `make tiny-model` (or `make sft`)")
     if meant_local or name.count("/") != 1:
         raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`")
+
+
+def check_model_folder(path: Path) -> None:
+    """A local base model holds `config.json`; an empty folder or a training run's adapter is named as such."""
+    if (path / "config.json").is_file():
+        return
+    if (path / "adapter_config.json").is_file():
+        raise UserError(
+            f"{path} is a training run (a LoRA adapter), not a base model: give the base it was trained from (its "
+            "adapter_config.json names it), or merge the run first with `lccc-sft merge`"
+        )
+    raise UserError(f"{path} holds no model (no config.json): give a model folder or a Hub id like `org/name`")
 
 
 def hub_error_message(name: str, err: OSError) -> str:

@@ -42,15 +42,35 @@ def is_llama2_chat_template(template: str) -> bool:
     return "[INST]" in template and "<<SYS>>" in template
 
 
+def read_template_file(chat_template_path: str) -> str:
+    path = Path(chat_template_path)
+    if not path.is_file():
+        raise UserError(f"chat_template_path {chat_template_path!r} is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"chat_template_path {chat_template_path!r} is not UTF-8 text") from None
+
+
+def check_template_syntax(template: str, source: str) -> None:
+    """Compile the template as transformers will (with its `{% generation %}` tag): a Jinja mistake is named here."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as err:
+        raise UserError(f"{source} is not a valid Jinja template: line {err.lineno}: {err.message}") from None
+
+
 def training_chat_template(tokenizer, chat_template_path: str | None = None) -> str:
     """Return a template whose assistant replies are wrapped in generation markers, or fail clearly."""
     if chat_template_path:
-        path = Path(chat_template_path)
-        if not path.is_file():
-            raise UserError(f"chat_template_path {chat_template_path!r} is not a file")
-        template = path.read_text(encoding="utf-8")
+        template = read_template_file(chat_template_path)
+        source = f"chat_template_path {chat_template_path!r}"
     else:
         template = tokenizer.chat_template
+        source = "the model's chat template"
     if isinstance(template, dict):
         template = template.get("default")
     if not template:
@@ -58,6 +78,7 @@ def training_chat_template(tokenizer, chat_template_path: str | None = None) -> 
             "the tokenizer has no chat template; give one with `chat_template_path: path/to/template.jinja` "
             "in the recipe (it needs {% generation %} markers around the assistant replies)"
         )
+    check_template_syntax(template, source)
     if has_generation_markers(template):
         return template
     if is_llama2_chat_template(template):
@@ -69,7 +90,7 @@ def training_chat_template(tokenizer, chat_template_path: str | None = None) -> 
         return get_training_chat_template(tokenizer) or template
     except ValueError:
         raise UserError(
-            "the model's chat template has no {% generation %} markers and TRL cannot add them, so the loss "
+            f"{source} has no {{% generation %}} markers and TRL cannot add them, so the loss "
             "cannot be limited to the assistant replies; give a template with the markers via "
             "`chat_template_path`"
         ) from None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft.common.errors import UserError, exits_cleanly_on_user_error
-from sft.common.files import write_atomically
+from sft.common.files import check_writable_folder, write_atomically
 from sft.common.generation import (
     GenerationArguments,
     save_generation_config,
@@ -163,6 +163,9 @@ class EvalArguments:
             raise UserError("--num_samples, --num_examples, --num_dialogues and --generic_top_k must be at least 0")
         if self.batch_size < 1:
             raise UserError("--batch_size must be positive")
+        for name in ("max_ppl_samples", "knowledge_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1 (leave it out for all), got {getattr(self, name)}")
 
 
 def parse_args(argv: list[str]) -> tuple[TrainedModelArguments, EvalArguments, GenerationArguments]:
@@ -172,6 +175,10 @@ def parse_args(argv: list[str]) -> tuple[TrainedModelArguments, EvalArguments, G
 
 def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: GenerationArguments) -> dict:
     run = read_run(where.model_path, where.base_model)
+    output_dir = Path(args.output_dir or run.model_path)
+    check_writable_folder(output_dir, "--output_dir" if args.output_dir else "the report's folder (the model folder)")
+    if args.save_generation_config:
+        check_writable_folder(run.model_path, "the model folder (--save_generation_config)")
     if (args.compare_base or args.knowledge) and not run.base_model:
         raise UserError(f"{where.model_path} does not say which base it came from; give --base_model")
     conversations, last_reply_only, dataset_name, by_source = held_out_conversations(run, args)
@@ -249,7 +256,6 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
             sample.update(base_greedy=base["replies"]["greedy"][i], base_sampled=base["replies"]["sampling"][i])
         samples.append(sample)
 
-    output_dir = Path(args.output_dir or run.model_path)
     output_dir.mkdir(parents=True, exist_ok=True)
     curves = plot_loss_curves(run.model_path / "trainer_state.json", output_dir / "loss_curves.png")
     report = {

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import uuid
@@ -28,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
-from sft.common.errors import exits_cleanly_on_user_error
+from sft.common.errors import UserError, exits_cleanly_on_user_error
 from sft.common.generation import GenerationArguments
 from sft.common.inference import (
     TrainedModelArguments,
@@ -74,6 +75,28 @@ class ServeArguments:
         default=8.0,
         metadata={"help": "On SIGTERM, seconds the running replies may take to finish before they are cut."},
     )
+
+    def __post_init__(self):
+        if not 1 <= self.port <= 65535:
+            raise UserError(f"--port must be in 1-65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--api_key is empty: give a key, or leave the flag out to serve without one")
+        if API_KEY_ENV in os.environ and not os.environ[API_KEY_ENV].strip():
+            raise UserError(f"{API_KEY_ENV} is set but empty: set a key, or unset it to serve without one")
+
+
+def check_address(host: str, port: int) -> None:
+    """The address resolves and the port is free, before minutes of model loading (uvicorn binds the same way)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise UserError(f"--host {host} cannot be resolved ({err.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
 @dataclass
@@ -340,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     where, options, settings = parse_generating_command(
         ServeArguments, sys.argv[1:] if argv is None else argv, prog="lccc-sft serve"
     )
+    check_address(options.host, options.port)
     start_command_logging()
     service = load_service(where, options, settings)
     served = " and ".join(f"`{i}`" for i in (service.tuned_id, service.base_id) if i)

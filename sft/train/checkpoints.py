@@ -67,6 +67,17 @@ def claim_output_dir(output_dir: Path) -> None:
     _held_locks[key] = descriptor
 
 
+def remove_if_only_the_lock(output_dir: Path) -> None:
+    """Take back a folder this run created and left holding only its lock (it failed before writing anything)."""
+    if [path.name for path in output_dir.iterdir()] != [LOCK_FILE]:
+        return
+    descriptor = _held_locks.pop(output_dir.resolve(), None)
+    if descriptor is not None:
+        os.close(descriptor)
+    (output_dir / LOCK_FILE).unlink()
+    output_dir.rmdir()
+
+
 def is_complete_checkpoint(folder: Path) -> bool:
     """Trainer writes `trainer_state.json` after the weights, optimizer and RNG state, so it marks completion."""
     try:

@@ -8,6 +8,7 @@ Loads no weights and writes nothing: data not prepared yet is prepared into a te
 import dataclasses
 import logging
 import math
+import os
 import tempfile
 
 import numpy as np
@@ -16,6 +17,7 @@ from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft.common.config import CHECKPOINTING, Recipe
+from sft.common.errors import UserError
 from sft.common.model import load_tokenizer
 from sft.data import load_conversations
 from sft.data.cache import is_prepared
@@ -27,6 +29,8 @@ from sft.train.plan import PACKING_SAFE_STRATEGIES, SHARDING, decide
 
 logger = logging.getLogger(__name__)
 MEASURED_SAMPLES = 2000  # samples tokenized to estimate the epoch's tokens (all of them when fewer)
+# An estimate this many times the machine's memory cannot fit by any error of the estimate: refused, not warned.
+HOPELESS_MEMORY_FACTOR = 10
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, None: 4, "auto": 2}
 
 
@@ -177,6 +181,38 @@ def planned_facts(recipe: Recipe) -> Facts:
     if recipe.run.gpu:
         return gpu_facts(named_gpu(recipe.run.gpu), dataclasses.replace(facts, local_rank=0))
     return facts
+
+
+def memory_available_gb(facts: Facts) -> float:
+    """The memory one process trains in: its GPU's (a named GPU's with --gpu), or the machine's RAM on a CPU."""
+    if facts.memory_gb:
+        return facts.memory_gb
+    if facts.cuda:
+        return torch.cuda.get_device_properties(facts.local_rank).total_memory / 1e9
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def check_planned_memory(recipe: Recipe) -> None:
+    """Warn when the memory estimate exceeds the memory of this machine (or of the GPU named by --gpu); refuse when
+    it does so hopelessly (a max_length of 10^9), before any data is prepared or weight loaded."""
+    config = model_config(recipe)
+    if config is None:
+        return
+    facts = planned_facts(recipe)
+    estimate = memory_estimate_gb(recipe, facts, config)
+    available = memory_available_gb(facts)
+    if estimate["total"] <= available:
+        return
+    training = recipe.training
+    message = (
+        f"the plan needs about {estimate['total']:,} GB per process ({estimate['activations']:,} GB of activations "
+        f"and {estimate['logits']:,} GB of logits at max_length {training.max_length} x batch "
+        f"{training.per_device_train_batch_size}) and this {'GPU' if facts.cuda else 'machine'} has "
+        f"{available:,.0f} GB: lower max_length or per_device_train_batch_size"
+    )
+    if estimate["total"] > HOPELESS_MEMORY_FACTOR * available:
+        raise UserError(message)
+    logger.warning(message)
 
 
 def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:

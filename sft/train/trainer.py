@@ -31,6 +31,7 @@ from sft.train.checkpoints import (
     how_to_go_on,
     latest_complete_checkpoint,
     publish_final_outputs,
+    remove_if_only_the_lock,
 )
 from sft.train.machine import machine_facts, peak_memory
 from sft.train.plan import decide
@@ -251,17 +252,23 @@ def train(
     output_dir = Path(args.output_dir)
     keep_hub_token_out_of_saved_files(args)
     state = PartialState()
+    created = not output_dir.exists()
     if state.is_main_process:  # the ranks of one launch share the folder; another launch stops here
         claim_output_dir(output_dir)
-    with state.main_process_first():
-        resume = args.resume_from_checkpoint or checkpoint_to_resume(
-            args.output_dir, recipe.resolved, recipe.run.overwrite_output_dir
-        )
-    use_wandb_offline_without_login(args.report_to, args.output_dir)
-    decide(recipe, machine_facts(args))
-    trainer = build(recipe, datasets)
-    if state.is_main_process:
-        save_resolved_recipe(recipe, args.output_dir)
+    try:
+        with state.main_process_first():
+            resume = args.resume_from_checkpoint or checkpoint_to_resume(
+                args.output_dir, recipe.resolved, recipe.run.overwrite_output_dir
+            )
+        use_wandb_offline_without_login(args.report_to, args.output_dir)
+        decide(recipe, machine_facts(args))
+        trainer = build(recipe, datasets)
+        if state.is_main_process:
+            save_resolved_recipe(recipe, args.output_dir)
+    except BaseException:
+        if created and state.is_main_process:  # a mistake found before training leaves no folder behind
+            remove_if_only_the_lock(output_dir)
+        raise
 
     stopper, clock = StopOnSignal(trainer.accelerator), TrainingClock()
     watch = StopOnBadSteps(recipe.run.stop_after_bad_steps)
