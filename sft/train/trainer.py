@@ -238,13 +238,13 @@ def check_max_length_fits_a_turn(tokenizer, train_dataset, max_length: int | Non
 def train(
     recipe: Recipe,
     datasets: DatasetDict,
-    build=build_trainer,
-    summarize=run_summary,
+    build=None,
+    summarize=None,
     generation: GenerationArguments | None = None,
 ) -> dict | None:
     """Train (resuming when the output folder holds an interrupted run), then publish the results atomically.
 
-    `build` makes the trainer and `summarize` its run summary (the preference stage passes its own); `generation`
+    `build` makes the trainer and `summarize` its run summary (SFT's by default; the preference stage passes its own); `generation`
     is saved as the run's generation defaults. Returns the summary, or None when a signal stopped the run after
     saving a checkpoint.
     """
@@ -262,7 +262,7 @@ def train(
             )
         use_wandb_offline_without_login(args.report_to, args.output_dir)
         decide(recipe, machine_facts(args))
-        trainer = build(recipe, datasets)
+        trainer = (build or build_trainer)(recipe, datasets)
         if state.is_main_process:
             save_resolved_recipe(recipe, args.output_dir)
     except BaseException:
@@ -296,7 +296,10 @@ def train(
         )
         return None
 
-    summary = {**summarize(trainer, clock.seconds(), result.training_loss), "dtype": recipe.model.dtype}
+    summary = {
+        **(summarize or run_summary)(trainer, clock.seconds(), result.training_loss),
+        "dtype": recipe.model.dtype,
+    }
     staging = output_dir / ".final-save"
     if state.is_main_process and staging.exists():
         shutil.rmtree(staging)
