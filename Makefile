@@ -20,12 +20,13 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv sft plan data tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check
+.PHONY: help venv sft plan data audit tiny-model eval chat serve merge export-gguf export-setup test test-fast lint clean bench-data bench bench-gpu gpu-check
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
 	@echo "make plan [RECIPE=...] [ACCELERATE_CONFIG=...]                  what a run would decide, without loading or writing"
 	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
+	@echo "make audit [RECIPE=...] or MODEL_PATH=<run>                   certify labels, template, stop tokens and export"
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
 	@echo "make eval ARGS='--knowledge cmmlu'                              ... and base vs fine-tuned accuracy (lm-eval)"
 	@echo "make chat [MODEL_PATH=output/smoke]                             chat with it in the terminal"
@@ -62,6 +63,10 @@ plan: $(VENV)/.installed $(TINY_MODELS)
 
 data: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m sft data --config $(RECIPE) $(ARGS)
+
+# A recipe (RECIPE) or, given MODEL_PATH on the command line, a trained run and its export.
+audit: $(VENV)/.installed $(TINY_MODELS)
+	$(PY) -m sft audit $(if $(filter command line,$(origin MODEL_PATH)),--model_path $(MODEL_PATH),--config $(RECIPE)) $(ARGS)
 
 bench-data: $(VENV)/.installed
 	$(PY) -m benchmarks.bench_data $(ARGS)

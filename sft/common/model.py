@@ -54,11 +54,14 @@ def load_tokenizer(
 
     Training needs the markers (loss on the replies only); generating does not, so with `need_reply_markers` off a
     template TRL cannot mark stays as it is. The pad token falls back to the end-of-sequence token, as in TRL.
+    The model's own template stays at hand as `official_chat_template`, for the label audit to compare against.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise UserError(hub_error_message(name, err)) from None
+    official = tokenizer.chat_template
+    tokenizer.official_chat_template = official.get("default") if isinstance(official, dict) else official
     try:
         tokenizer.chat_template = training_chat_template(tokenizer, chat_template_path)
     except UserError:

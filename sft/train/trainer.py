@@ -24,6 +24,7 @@ from sft.common.files import reporting_full_disk
 from sft.common.generation import GenerationArguments, save_generation_config
 from sft.common.model import keep_4bit_layers_differentiable, load_tokenizer, model_init_kwargs
 from sft.data import held_out_by_source
+from sft.train.audit import audit_before_training
 from sft.train.checkpoints import (
     StopOnSignal,
     checkpoint_to_resume,
@@ -251,6 +252,7 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
     use_wandb_offline_without_login(args.report_to, args.output_dir)
     decide(recipe, machine_facts(args))
     trainer = build_trainer(recipe, datasets)
+    audit_before_training(trainer, trainer.processing_class.official_chat_template, datasets["train"])
     if state.is_main_process:
         save_resolved_recipe(recipe, args.output_dir)
 
