@@ -5,7 +5,9 @@
 - `qwen2_5`: a Qwen2 model with a byte-level BPE tokenizer (Qwen's pre-tokenizer), Qwen's special tokens
   (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`) and Qwen2.5's official chat template;
 - `llama3`: a Llama with a byte-level BPE tokenizer (Llama-3's pre-tokenizer), Llama-3.1's special tokens
-  (`<|begin_of_text|>`, `<|start_header_id|>`, `<|eot_id|>`, ...) and Llama-3.1's official chat template.
+  (`<|begin_of_text|>`, `<|start_header_id|>`, `<|eot_id|>`, ...) and Llama-3.1's official chat template;
+- `qwen3`: a Qwen3 model with Qwen2.5's tokenizer setup plus `<think>`/`</think>` and Qwen3's official (hybrid
+  thinking) chat template.
 Tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights and a fixed seed.
 They check the pipeline; they are no chatbots.
 """
@@ -29,9 +31,11 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PATTERN
-from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
+from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template, qwen3_chat_template
 
 from sft.common.model import TINY_MODEL_DIRS
 from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
@@ -156,6 +160,14 @@ def llama3_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
     return wrapped
 
 
+def qwen3_tokenizer(sentences: list[str]) -> Qwen2Tokenizer:
+    """Qwen3's tokenizer setup: Qwen2.5's tokens plus `<think>`/`</think>` as added tokens, and Qwen3's template."""
+    tokenizer = qwen2_5_tokenizer(sentences)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = qwen3_chat_template
+    return tokenizer
+
+
 def build_model(config_class, model_class, tokenizer, eos_tokens: list[str], seed: int = 0, **config):
     """A 2-layer model with random weights sized for the tokenizer; generation stops at any of `eos_tokens`."""
     torch.manual_seed(seed)
@@ -201,6 +213,13 @@ def build_tiny_llama3(output_dir: str = TINY_MODEL_DIRS["llama3"]) -> Path:
     return save(model, tokenizer, output_dir)
 
 
+def build_tiny_qwen3(output_dir: str = TINY_MODEL_DIRS["qwen3"]) -> Path:
+    tokenizer = qwen3_tokenizer(sample_sentences())
+    eos = ["<|im_end|>", "<|endoftext|>"]  # as Qwen3's generation_config
+    model = build_model(Qwen3Config, Qwen3ForCausalLM, tokenizer, eos, num_key_value_heads=2, head_dim=32)
+    return save(model, tokenizer, output_dir)
+
+
 def save(model, tokenizer, output_dir: str) -> Path:
     out = Path(output_dir)
     model.save_pretrained(out)
@@ -208,7 +227,12 @@ def save(model, tokenizer, output_dir: str) -> Path:
     return out
 
 
-BUILDERS = {"llama": build_tiny_llama, "qwen2_5": build_tiny_qwen2_5, "llama3": build_tiny_llama3}
+BUILDERS = {
+    "llama": build_tiny_llama,
+    "qwen2_5": build_tiny_qwen2_5,
+    "llama3": build_tiny_llama3,
+    "qwen3": build_tiny_qwen3,
+}
 
 
 def main(argv=None):

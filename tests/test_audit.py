@@ -135,7 +135,9 @@ def test_generation_config_must_stop_on_the_trained_token(tmp_path, conversation
 
 @pytest.mark.slow
 def test_the_audit_command_certifies_a_run_and_fails_a_broken_template(smoke_run, tmp_path):
-    passed = run_command([sys.executable, "-m", "sft", "audit", "--model_path", str(smoke_run), "--audit_samples", "40"])
+    passed = run_command(
+        [sys.executable, "-m", "sft", "audit", "--model_path", str(smoke_run), "--audit_samples", "40"]
+    )
     assert passed.returncode == 0, passed.stderr[-2000:]
     assert "audit passed: 40 samples" in passed.stdout and passed.stdout.count("supervised spans marked") == 2
     assert "[[" in passed.stdout  # not a terminal: brackets
@@ -146,3 +148,13 @@ def test_the_audit_command_certifies_a_run_and_fails_a_broken_template(smoke_run
     assert failed.returncode == 2
     assert "error: label audit failed" in failed.stderr and "conversation 0, reply 1" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_qwen3_prompts_are_served_in_the_non_thinking_mode_it_was_trained_in():
+    from sft.common.inference import render_prompt
+
+    tokenizer, samples, _ = audit_with(None, HANDWRITTEN[:1], "qwen3")
+    prompt = render_prompt(tokenizer, HANDWRITTEN[0][:1])
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    trained = tokenizer.decode(samples[0].input_ids)
+    assert trained.startswith(prompt)  # the trained text continues the served prompt with the reply

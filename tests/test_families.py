@@ -17,6 +17,7 @@ from trl.chat_template_utils import (
     llama3_chat_template,
     llama3_training_chat_template,
     qwen2_5_chat_template,
+    qwen3_chat_template,
     qwen3_instruct_2507_chat_template,
     qwen3_instruct_2507_training_chat_template,
 )
@@ -44,6 +45,7 @@ FAMILIES = {
     "qwen2_5": Family(
         "qwen2_5", "recipes/smoke_qwen2_5.yaml", qwen2_5_chat_template, "<|im_end|>", None, "assistant\n", False
     ),
+    "qwen3": Family("qwen3", "recipes/smoke_qwen3.yaml", qwen3_chat_template, "<|im_end|>", None, "\n", False),
     "llama3": Family(
         "llama3",
         "recipes/smoke_llama3.yaml",
@@ -92,6 +94,7 @@ OFFICIAL_TEMPLATES = {  # name: (template, the tiny model whose tokens it uses, 
     "qwen3_instruct_2507": (qwen3_instruct_2507_chat_template, "qwen2_5", qwen3_instruct_2507_training_chat_template),
     "llama3_1": (llama3_1_chat_template, "llama3", None),
     "llama3": (llama3_chat_template, "llama3", llama3_training_chat_template),
+    "qwen3": (qwen3_chat_template, "qwen3", None),
 }
 
 

@@ -39,7 +39,9 @@ class AuditArguments:
         metadata={"help": "A training run's folder: its recipe, generation_config.json and GGUF export are audited."},
     )
     gguf_dir: str | None = field(default=None, metadata={"help": "The run's export (default: <model_path>-gguf)."})
-    audit_samples: int = field(default=1000, metadata={"help": "Samples audited, from the start of the split (0: all)."})
+    audit_samples: int = field(
+        default=1000, metadata={"help": "Samples audited, from the start of the split (0: all)."}
+    )
     split: str = field(default="train", metadata={"help": "Which split of the prepared data to audit."})
 
 
@@ -95,8 +97,10 @@ def check_gguf_metadata(metadata: dict, official: str, tokenizer, conversations:
     tokens = metadata.get("tokenizer.ggml.tokens", [])
     eos = metadata.get("tokenizer.ggml.eos_token_id")
     if eos is None or eos >= len(tokens) or tokens[eos] != tokenizer.eos_token:
-        problems.append(f"GGUF: its end token is {tokens[eos] if eos is not None and eos < len(tokens) else None!r}, "
-                        f"not the trained {tokenizer.eos_token!r}")
+        problems.append(
+            f"GGUF: its end token is {tokens[eos] if eos is not None and eos < len(tokens) else None!r}, "
+            f"not the trained {tokenizer.eos_token!r}"
+        )
     template = metadata.get("tokenizer.chat_template")
     for index, messages in enumerate(conversations):
         rendered = tokenizer.apply_chat_template(messages, chat_template=template or "", tokenize=False)

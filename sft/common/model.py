@@ -12,7 +12,12 @@ from sft.common.template import training_chat_template
 
 logger = logging.getLogger(__name__)
 # where `make tiny-model` builds the smoke models, by family (`python -m sft.tiny --family ...`)
-TINY_MODEL_DIRS = {"llama": "build/tiny-llama", "qwen2_5": "build/tiny-qwen2_5", "llama3": "build/tiny-llama3"}
+TINY_MODEL_DIRS = {
+    "llama": "build/tiny-llama",
+    "qwen2_5": "build/tiny-qwen2_5",
+    "llama3": "build/tiny-llama3",
+    "qwen3": "build/tiny-qwen3",
+}
 
 
 def check_model_source(name: str | None) -> None:

@@ -1,7 +1,8 @@
 """Chat templates for training: the model's own template with `{% generation %}` markers around the replies.
 
 Where TRL bundles a training form of a model's official template it is used, ours only where needed:
-Llama-2-chat (TRL has none), Llama-3.1 (TRL has none) and Qwen2.5 (TRL's also trains the newlines around a reply).
+Llama-2-chat (TRL has none), Llama-3.1 (TRL has none), Qwen2.5 (TRL's also trains the newlines around a reply)
+and Qwen3 (TRL's writes a think block before every reply, which the official template does not).
 """
 
 import re
@@ -12,6 +13,7 @@ from trl.chat_template_utils import (
     has_generation_markers,
     llama3_1_chat_template,
     qwen2_5_chat_template,
+    qwen3_chat_template,
 )
 
 from sft.common.errors import UserError
@@ -22,6 +24,7 @@ LLAMA2_TRAINING_TEMPLATE = (TEMPLATES / "llama2_chat_training.jinja").read_text(
 OUR_TRAINING_TEMPLATES = {
     llama3_1_chat_template: (TEMPLATES / "llama3_1_training.jinja").read_text(encoding="utf-8"),
     qwen2_5_chat_template: (TEMPLATES / "qwen2_5_training.jinja").read_text(encoding="utf-8"),
+    qwen3_chat_template: (TEMPLATES / "qwen3_training.jinja").read_text(encoding="utf-8"),
 }
 _GENERATION_MARKERS = re.compile(r"{%-?\s*(end)?generation\s*-?%}")
 
