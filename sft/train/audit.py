@@ -110,7 +110,7 @@ def show_tokens(tokenizer, ids: list[int], start: int, end: int) -> str:
 
 
 def first_difference(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def check_template(tokenizer, official: str, sample: Labelled, **template_kwargs) -> list[str]:
@@ -124,9 +124,10 @@ def check_template(tokenizer, official: str, sample: Labelled, **template_kwargs
     if trained == expected:
         return []
     at = first_difference(trained, expected)
+    near = slice(max(at - 20, 0), at + 20)
     return [
         f"{where}: the training template without its generation markers differs from the official template at "
-        f"character {at}: trains {trained[max(at - 20, 0) : at + 20]!r}, official {expected[max(at - 20, 0) : at + 20]!r}"
+        f"character {at}: trains {trained[near]!r}, official {expected[near]!r}"
     ]
 
 
