@@ -150,6 +150,19 @@ def test_the_audit_command_certifies_a_run_and_fails_a_broken_template(smoke_run
     assert "Traceback" not in failed.stderr
 
 
+@pytest.mark.slow
+def test_training_stops_on_a_failed_audit_before_its_first_step(tmp_path):
+    path = tmp_path / "broken.jinja"
+    path.write_text(BROKEN["swallows_user_header"][0], encoding="utf-8")
+    output_dir = tmp_path / "out"
+    args = ["--config", FAMILIES["qwen2_5"].recipe, "--chat_template_path", str(path), "--output_dir", str(output_dir)]
+    failed = run_command([sys.executable, "-m", "sft", "train", *args])
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert "error: label audit failed" in failed.stderr and "conversation 1, reply 1" in failed.stderr
+    assert "Traceback" not in failed.stderr and "'loss'" not in failed.stdout + failed.stderr
+    assert not list(output_dir.glob("checkpoint-*")) and not (output_dir / "run_summary.json").exists()
+
+
 def test_qwen3_prompts_are_served_in_the_non_thinking_mode_it_was_trained_in():
     from sft.common.inference import render_prompt
 

@@ -23,7 +23,6 @@ from trl.chat_template_utils import (
 )
 
 from sft.common.config import parse_recipe
-from sft.common.errors import UserError
 from sft.common.model import TINY_MODEL_DIRS
 from sft.common.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
 from sft.tiny import BUILDERS, SAMPLE_DATA
@@ -120,10 +119,10 @@ def test_training_templates_render_exactly_the_official_text(name, conversations
                 assert rendered == expected
 
 
-def test_an_unknown_template_still_stops_with_the_clear_message(family, tokenizer):
-    tokenizer.chat_template = family.official.replace("<|im_start|>", "<|im_begin|>").replace("eot_id", "end_id")
-    with pytest.raises(UserError, match="TRL cannot add them"):
-        training_chat_template(tokenizer)
+def test_an_unknown_template_trains_as_it_is_through_derived_spans(family, tokenizer):
+    unknown = family.official.replace("<|im_start|>", "<|im_begin|>").replace("eot_id", "end_id")
+    tokenizer.chat_template = unknown
+    assert training_chat_template(tokenizer) == unknown  # no markers: tests/test_derived_spans.py
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +182,15 @@ def family_run(family, tmp_path_factory):
     args = ["--output_dir", str(output_dir), "--max_steps", "16", "--eval_steps", "8", "--save_steps", "16"]
     result = run_command([*LAUNCH, "--config", family.recipe, *args])
     assert result.returncode == 0, result.stderr[-3000:]
+    (output_dir.parent / "train.log").write_text(result.stdout + result.stderr, encoding="utf-8")
     return output_dir
+
+
+def test_the_smoke_run_audits_its_labels_and_shows_a_marked_sample_first(family, family_run):
+    log = (family_run.parent / "train.log").read_text(encoding="utf-8")
+    audit = log.index("label audit: 32 samples, loss on each reply and its end-of-turn token only")
+    assert f"{family.end_of_turn}]]" in log[audit:]  # the marked sample: a reply and its end-of-turn in brackets
+    assert "'loss'" not in log[:audit]  # before any step
 
 
 def test_the_smoke_run_learns(family_run):

@@ -6,6 +6,7 @@ from pathlib import Path
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from transformers import AutoTokenizer
 from trl import ModelConfig, SFTConfig
+from trl.chat_template_utils import has_generation_markers
 
 from sft.common.errors import UserError
 from sft.common.template import training_chat_template
@@ -72,6 +73,8 @@ def load_tokenizer(
     except UserError:
         if need_reply_markers or not tokenizer.chat_template:
             raise
+    if not has_generation_markers(tokenizer.chat_template):  # trained as it is (derived spans): it is the official
+        tokenizer.official_chat_template = tokenizer.chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

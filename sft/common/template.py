@@ -2,7 +2,9 @@
 
 Where TRL bundles a training form of a model's official template it is used, ours only where needed:
 Llama-2-chat (TRL has none), Llama-3.1 (TRL has none), Qwen2.5 (TRL's also trains the newlines around a reply)
-and Qwen3 (TRL's writes a think block before every reply, which the official template does not).
+and Qwen3 (TRL's writes a think block before every reply, which the official template does not). Any other
+template trains as it is: each reply's span is what rendering adds when the reply is appended to the conversation
+(`derived_reply_mask`), refused where the template rewrites earlier turns.
 """
 
 import re
@@ -46,7 +48,8 @@ def is_llama2_chat_template(template: str) -> bool:
 
 
 def training_chat_template(tokenizer, chat_template_path: str | None = None) -> str:
-    """Return a template whose assistant replies are wrapped in generation markers, or fail clearly."""
+    """The template training renders: one with generation markers around the replies where we or TRL have it,
+    else the official template itself, whose reply spans training then derives (`derived_reply_mask`)."""
     if chat_template_path:
         path = Path(chat_template_path)
         if not path.is_file():
@@ -70,9 +73,101 @@ def training_chat_template(tokenizer, chat_template_path: str | None = None) -> 
     tokenizer.chat_template = template
     try:
         return get_training_chat_template(tokenizer) or template
-    except ValueError:
-        raise UserError(
-            "the model's chat template has no {% generation %} markers and TRL cannot add them, so the loss "
-            "cannot be limited to the assistant replies; give a template with the markers via "
-            "`chat_template_path`"
-        ) from None
+    except ValueError:  # no training form: the spans are derived from the official template (`derived_reply_mask`)
+        return template
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, **template_kwargs) -> str:
+    """The tokenizer's chat template applied to `messages`, as text (no messages: no text)."""
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
+    )
+
+
+def derived_reply_spans(tokenizer, messages: list[dict], first: int = 0, **template_kwargs) -> list[tuple[int, int]]:
+    """Character spans of the replies (from message `first` on) in the official rendering of `messages`.
+
+    A reply's span is what rendering adds when the reply is appended to the conversation so far, after the
+    generation prompt. That holds only if each such rendering is a prefix of the whole one; a template that
+    rewrites earlier turns (drops their reasoning, marks only the last reply) is refused.
+    """
+    full = render(tokenizer, messages, **template_kwargs)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i < first:
+            continue
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True, **template_kwargs)
+        through = render(tokenizer, messages[: i + 1], **template_kwargs)
+        if not (through.startswith(prompt) and full.startswith(through)):
+            shown = prompt if not full.startswith(prompt) else through
+            at = next((n for n, (a, b) in enumerate(zip(shown, full, strict=False)) if a != b), len(full))
+            raise UserError(
+                f"the chat template rewrites earlier turns (reply {i} of a conversation: the text up to it is not "
+                f"a prefix of the whole conversation's text, from character {at}: {shown[at : at + 30]!r} vs "
+                f"{full[at : at + 30]!r}; e.g. it drops reasoning from history), so the replies' spans cannot be "
+                "derived from it; give a training template with {% generation %} markers around each reply and "
+                "its end-of-turn token via `chat_template_path`"
+            )
+        spans.append((len(prompt), len(through)))
+    return spans
+
+
+def derived_reply_mask(tokenizer, messages: list[dict], first: int = 0, **template_kwargs) -> dict:
+    """`input_ids` of the official text and `assistant_masks` on each reply (from message `first` on) and its
+    end-of-turn token, derived by rendering growing prefixes of the conversation.
+
+    A reply's span runs to its end-of-turn token (the tokenizer's `eos_token`): the last one inside what the reply
+    added, else the one right after it (GLM-4's next `<|user|>`); a final reply the template ends with no
+    end-of-turn token gets one appended, as the model must learn to stop there.
+    """
+    text = render(tokenizer, messages, **template_kwargs)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets, eot = list(encoded["input_ids"]), encoded["offset_mapping"], tokenizer.eos_token_id
+    mask = [0] * len(ids)
+    for start, end in derived_reply_spans(tokenizer, messages, first, **template_kwargs):
+        tokens = [n for n, (a, b) in enumerate(offsets) if a < end and b > start]
+        ends = [n for n in tokens if ids[n] == eot]
+        if ends:
+            last = ends[-1]
+        elif tokens[-1] + 1 < len(ids) and ids[tokens[-1] + 1] == eot:
+            last = tokens[-1] + 1
+        elif tokens[-1] + 1 == len(ids):
+            ids.append(eot)
+            mask.append(0)
+            last = len(ids) - 1
+        else:
+            raise UserError(
+                f"the chat template ends a reply with no end-of-turn token {tokenizer.eos_token!r} (after "
+                f"{text[end - 20 : end + 20]!r}), so the model would never learn to stop; give a training template "
+                "with {% generation %} markers around each reply and its end-of-turn token via `chat_template_path`"
+            )
+        for n in range(tokens[0], last + 1):
+            mask[n] = 1
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def reply_masked_tokens(tokenizer, messages: list[dict], **template_kwargs) -> dict:
+    """`input_ids` and `assistant_masks`: from the template's generation markers where it has them, else derived
+    from the official template (`derived_reply_mask`)."""
+    if not has_generation_markers(tokenizer.chat_template):
+        return derived_reply_mask(tokenizer, messages, **template_kwargs)
+    return tokenizer.apply_chat_template(
+        messages, return_dict=True, return_assistant_tokens_mask=True, **template_kwargs
+    )
+
+
+def with_derived_reply_masks(tokenizer, dataset):
+    """A dataset's samples with `input_ids` and `assistant_masks` derived from the official template beside their
+    messages, for a template without generation markers (TRL's pre-tokenized path builds the labels from the masks);
+    unchanged for a template with markers, whose masks TRL takes from the markers."""
+    if has_generation_markers(tokenizer.chat_template):
+        return dataset
+
+    def tokenize(row):
+        if row.get("messages"):
+            return derived_reply_mask(tokenizer, row["messages"])
+        return derived_reply_mask(tokenizer, row["prompt"] + row["completion"], first=len(row["prompt"]))
+
+    return dataset.map(tokenize, desc="Deriving the reply spans from the official chat template")

@@ -3,7 +3,9 @@
 Labels come from SFTTrainer's own dataset preparation (`_prepare_dataset`: TRL's tokenization and its labels from
 the assistant masks), so what is checked is what trains. The checks, per conversation:
 - the training template without its `{% generation %}` markers renders the model's official template exactly;
-- the tokens are the official text's tokens: BOS tokens as many, and where, as the official text has them;
+- the tokens are the official text's tokens: BOS tokens as many, and where, as the official text has them (for a
+  template without markers, whose spans training derives, plus an end-of-turn token after a final reply the
+  template leaves open);
 - each supervised stretch is one reply: its content and the end-of-turn token, nothing before (role headers) or
   after (the next turn's header, padding); as many stretches as replies to learn;
 - samples longer than `max_length` are counted and shown (which reply the cut falls in).
@@ -18,9 +20,10 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 from trl import SFTTrainer
+from trl.chat_template_utils import has_generation_markers
 
 from sft.common.errors import UserError
-from sft.common.template import strip_generation_markers
+from sft.common.template import strip_generation_markers, with_derived_reply_masks
 
 logger = logging.getLogger(__name__)
 TRAINING_AUDIT_SAMPLES = 32  # audited before the first step: seconds, even on a CPU
@@ -80,6 +83,7 @@ def whole_sample_args(args):
 
 def trl_labels(preparer, tokenizer, args, dataset: Dataset) -> list[Labelled]:
     """Tokenize and label `dataset` through SFTTrainer's preparation (`preparer`: a trainer or `TrlPreparation`)."""
+    dataset = with_derived_reply_masks(tokenizer, dataset)  # as training does for a template without markers
     prepared = preparer._prepare_dataset(dataset, tokenizer, whole_sample_args(args), False, None, "audit")
     samples = []
     for index, (row, out) in enumerate(zip(dataset, prepared, strict=True)):
@@ -137,6 +141,12 @@ def check_tokens(tokenizer, official: str, sample: Labelled, **template_kwargs) 
     text = tokenizer.apply_chat_template(sample.messages, chat_template=official, tokenize=False, **template_kwargs)
     expected = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids, problems = sample.input_ids, []
+    if (
+        ids == [*expected, tokenizer.eos_token_id]
+        and expected[-1:] != ids[-1:]
+        and not has_generation_markers(tokenizer.chat_template)
+    ):
+        expected = ids  # derived spans: the end-of-turn appended to a final reply the template leaves open (GLM-4)
     bos = tokenizer.bos_token_id
     if bos is not None:
         at, want = [i for i, t in enumerate(ids) if t == bos], [i for i, t in enumerate(expected) if t == bos]

@@ -1,5 +1,6 @@
 """Training: SFTTrainer on a 4-bit base with LoRA, loss on assistant replies only, and what a run leaves behind."""
 
+import copy
 import logging
 import netrc
 import os
@@ -17,12 +18,14 @@ from datasets import DatasetDict
 from peft import NoMatchingPeftModuleError
 from transformers import TrainerCallback
 from trl import SFTTrainer, get_peft_config, get_quantization_config
+from trl.chat_template_utils import has_generation_markers
 
 from sft.common.config import Recipe, save_resolved_recipe
 from sft.common.errors import UserError
 from sft.common.files import reporting_full_disk
 from sft.common.generation import GenerationArguments, save_generation_config
 from sft.common.model import keep_4bit_layers_differentiable, load_tokenizer, model_init_kwargs
+from sft.common.template import with_derived_reply_masks
 from sft.data import held_out_by_source
 from sft.train.audit import audit_before_training
 from sft.train.checkpoints import (
@@ -128,6 +131,16 @@ def use_wandb_offline_without_login(report_to: list[str], output_dir: str) -> No
     )
 
 
+def trainer_arguments(args, tokenizer):
+    """The recipe's arguments, but for a template without generation markers `assistant_only_loss` off: the samples
+    carry the derived `assistant_masks`, from which TRL builds the labels (its own masking needs the markers)."""
+    if has_generation_markers(tokenizer.chat_template) or not args.assistant_only_loss:
+        return args
+    args = copy.copy(args)
+    args.assistant_only_loss = False
+    return args
+
+
 def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     args = recipe.training
     args.model_init_kwargs = model_init_kwargs(recipe.model, args)
@@ -138,6 +151,8 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         chat_template_path=args.chat_template_path,
     )
     args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
+    datasets = DatasetDict({name: with_derived_reply_masks(tokenizer, ds) for name, ds in datasets.items()})
+    args = trainer_arguments(args, tokenizer)
     check_max_length_fits_a_turn(tokenizer, datasets["train"], args.max_length)
     evaluating = args.eval_strategy != "no"
     if evaluating and not len(datasets.get("validation", [])):
