@@ -1,5 +1,6 @@
-"""Qwen2.5 and Llama-3 beside Llama-2: the official template's text, the loss on the replies and their end-of-turn
-token only, and one short smoke run per family that trains, evaluates, chats, merges and stops at the right token."""
+"""Qwen2.5, Qwen3, GLM-4 and Llama-3 beside Llama-2: the official template's text, the loss on the replies and
+their end-of-turn token only, and one short smoke run per family that trains, evaluates, chats, merges and stops at
+the right token."""
 
 import json
 import math
@@ -25,7 +26,7 @@ from trl.chat_template_utils import (
 from sft.common.config import parse_recipe
 from sft.common.model import TINY_MODEL_DIRS
 from sft.common.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
-from sft.tiny import BUILDERS, SAMPLE_DATA
+from sft.tiny import BUILDERS, GLM4_CHAT_TEMPLATE, SAMPLE_DATA
 from sft.train.trainer import build_trainer
 
 
@@ -38,6 +39,7 @@ class Family:
     bos: str | None  # the begin-of-text token the template writes once, if the family has one
     reply_header: str  # the text just before a reply (the end of the generation prompt)
     trims: bool  # whether the template strips the white space around a message
+    reply_opening: str = ""  # what the template writes at the start of a reply, after the generation prompt
 
 
 FAMILIES = {
@@ -45,6 +47,11 @@ FAMILIES = {
         "qwen2_5", "recipes/smoke_qwen2_5.yaml", qwen2_5_chat_template, "<|im_end|>", None, "assistant\n", False
     ),
     "qwen3": Family("qwen3", "recipes/smoke_qwen3.yaml", qwen3_chat_template, "<|im_end|>", None, "\n", False),
+    # GLM-4-0414: no training template of ours or TRL's, the spans are derived; the reply starts with a newline
+    # and ends where the next <|user|> begins
+    "glm4": Family(
+        "glm4", "recipes/smoke_glm4.yaml", GLM4_CHAT_TEMPLATE, "<|user|>", None, "<|assistant|>", False, "\n"
+    ),
     "llama3": Family(
         "llama3",
         "recipes/smoke_llama3.yaml",
@@ -148,7 +155,8 @@ def test_labels_cover_exactly_the_replies_and_their_end_of_turn_token(family, tr
         for (start, end), reply in zip(runs, replies, strict=True):
             assert labels[start:end] == ids[start:end]
             assert ids[end - 1] == end_of_turn
-            assert tokenizer.decode(ids[start:end]) == (reply.strip() if family.trims else reply) + family.end_of_turn
+            content = reply.strip() if family.trims else reply
+            assert tokenizer.decode(ids[start:end]) == family.reply_opening + content + family.end_of_turn
             assert tokenizer.decode(ids[:start]).endswith(family.reply_header)
         unsupervised = tokenizer.decode([t for t, label in zip(real, labels, strict=False) if label == -100])
         for message in messages:
@@ -256,5 +264,6 @@ def test_merge_ships_the_official_template(family, family_run, tmp_path):
     assert tokenizer.chat_template == family.official
     # evaluation of the merged model finds the reply markers again
     assert (
-        read_run(str(merged)).load_tokenizer(reply_mask=True).chat_template == OUR_TRAINING_TEMPLATES[family.official]
+        read_run(str(merged)).load_tokenizer(reply_mask=True).chat_template
+        == OUR_TRAINING_TEMPLATES.get(family.official, family.official)  # GLM-4: trained as it is, derived spans
     )

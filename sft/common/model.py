@@ -18,6 +18,7 @@ TINY_MODEL_DIRS = {
     "qwen2_5": "build/tiny-qwen2_5",
     "llama3": "build/tiny-llama3",
     "qwen3": "build/tiny-qwen3",
+    "glm4": "build/tiny-glm4",
 }
 
 

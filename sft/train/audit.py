@@ -14,7 +14,6 @@ them on a recipe's prepared data and adds a run's stop tokens and export (`sft/a
 """
 
 import copy
-import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -25,7 +24,6 @@ from trl.chat_template_utils import has_generation_markers
 from sft.common.errors import UserError
 from sft.common.template import strip_generation_markers, with_derived_reply_masks
 
-logger = logging.getLogger(__name__)
 TRAINING_AUDIT_SAMPLES = 32  # audited before the first step: seconds, even on a CPU
 IGNORED = -100
 
@@ -223,17 +221,18 @@ def marked_sample(tokenizer, sample: Labelled, colour: bool | None = None) -> st
 
 
 def audit_before_training(trainer, official: str, dataset: Dataset) -> AuditReport:
-    """The audit on the first samples through the trainer's own preparation; one marked sample in the log."""
+    """The audit on the first samples through the trainer's own preparation; the main process prints one marked
+    sample (as LLaMA-Factory does at every start: shown whatever the log level)."""
     subset = dataset.select(range(min(TRAINING_AUDIT_SAMPLES, len(dataset))))
     tokenizer = trainer.processing_class
     samples = trl_labels(trainer, tokenizer, trainer.args, subset)
     report = audit_samples(tokenizer, official, samples, trainer.args.max_length)
     report.raise_on_failure()
-    logger.info(
-        "label audit: %d samples, loss on each reply and its end-of-turn token only; %d truncated. One sample, "
-        "supervised spans marked:\n%s",
-        report.samples,
-        len(report.truncated),
-        marked_sample(tokenizer, samples[0], colour=False),
-    )
+    if trainer.accelerator.is_main_process:
+        print(
+            f"label audit: {report.samples} samples, loss on each reply and its end-of-turn token only; "
+            f"{len(report.truncated)} truncated. One sample, supervised spans marked:\n"
+            f"{marked_sample(tokenizer, samples[0])}",
+            flush=True,
+        )
     return report
