@@ -10,7 +10,10 @@
   thinking) chat template;
 - `glm4`: a Glm4 model (GLM-4-9B-0414's architecture) with a byte-level BPE tokenizer, GLM-4's special tokens
   (`[gMASK]`, `<sop>`, `<|system|>`, `<|user|>`, `<|assistant|>`, ...) and GLM-4-0414's official chat template:
-  no end-of-turn token, a reply ends where the next `<|user|>` begins (its `eos_token`).
+  no end-of-turn token, a reply ends where the next `<|user|>` begins (its `eos_token`);
+- `r1_distill`: a Qwen2 model (DeepSeek-R1-Distill-Qwen's architecture) with a byte-level BPE tokenizer (Qwen's
+  pre-tokenizer), R1's special tokens (`<｜begin▁of▁sentence｜>` added in front, `<｜User｜>`, `<｜Assistant｜>`,
+  `<｜end▁of▁sentence｜>` ending a reply, `<think>`/`</think>`) and R1-Distill's official chat template.
 Tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights and a fixed seed.
 They check the pipeline; they are no chatbots.
 """
@@ -40,7 +43,12 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PATTERN
-from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template, qwen3_chat_template
+from trl.chat_template_utils import (
+    deepseek_r1_distill_chat_template,
+    llama3_1_chat_template,
+    qwen2_5_chat_template,
+    qwen3_chat_template,
+)
 
 from sft.common.model import TINY_MODEL_DIRS
 from sft.common.template import LLAMA2_TRAINING_TEMPLATE, TEMPLATES, strip_generation_markers
@@ -100,6 +108,16 @@ GLM4_SPECIALS = [
     "<|end_of_video|>",
 ]
 GLM4_CHAT_TEMPLATE = (TEMPLATES / "glm4_0414.jinja").read_text(encoding="utf-8")
+# DeepSeek-R1-Distill-Qwen's added tokens, in their order (ids 151643-151649 in the real vocabulary).
+R1_SPECIALS = [
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜begin▁of▁sentence｜>",
+    "<|EOT|>",
+    "<think>",
+    "</think>",
+]
 
 
 def sample_sentences(path: Path = SAMPLE_DATA) -> list[str]:
@@ -207,6 +225,24 @@ def glm4_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
     return wrapped
 
 
+def r1_distill_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
+    """DeepSeek-R1-Distill-Qwen's tokenizer setup: `<｜begin▁of▁sentence｜>` added in front (its template writes it
+    too), `<｜end▁of▁sentence｜>` ends a reply and pads."""
+    tokenizer = train_byte_level_bpe(sentences, QWEN_PATTERN, R1_SPECIALS)
+    bos, eos = R1_SPECIALS[3], R1_SPECIALS[0]
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+            ),
+        ]
+    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=eos)
+    wrapped.chat_template = deepseek_r1_distill_chat_template
+    return wrapped
+
+
 def build_model(config_class, model_class, tokenizer, eos_tokens: list[str], seed: int = 0, **config):
     """A 2-layer model with random weights sized for the tokenizer; generation stops at any of `eos_tokens`."""
     torch.manual_seed(seed)
@@ -275,6 +311,13 @@ def build_tiny_glm4(output_dir: str = TINY_MODEL_DIRS["glm4"]) -> Path:
     return save(model, tokenizer, output_dir)
 
 
+def build_tiny_r1_distill(output_dir: str = TINY_MODEL_DIRS["r1_distill"]) -> Path:
+    tokenizer = r1_distill_tokenizer(sample_sentences())
+    eos = ["<｜end▁of▁sentence｜>"]  # as DeepSeek-R1-Distill-Qwen's generation_config
+    model = build_model(Qwen2Config, Qwen2ForCausalLM, tokenizer, eos, num_key_value_heads=2)
+    return save(model, tokenizer, output_dir)
+
+
 def save(model, tokenizer, output_dir: str) -> Path:
     out = Path(output_dir)
     model.save_pretrained(out)
@@ -288,6 +331,7 @@ BUILDERS = {
     "llama3": build_tiny_llama3,
     "qwen3": build_tiny_qwen3,
     "glm4": build_tiny_glm4,
+    "r1_distill": build_tiny_r1_distill,
 }
 
 

@@ -119,6 +119,11 @@ def test_a_gguf_with_another_template_or_end_token_fails(conversations):
         "tokenizer.chat_template": official,
     }
     assert check_gguf_metadata(metadata, official, tokenizer, conversations[:3]) == []
+    # as llama.cpp converts GLM-4: <|endoftext|> the end token, the trained end-of-turn token the `eot` one
+    eot_only = {**metadata, "tokenizer.ggml.eos_token_id": tokenizer.pad_token_id}
+    assert check_gguf_metadata(eot_only, official, tokenizer, conversations[:3]) != []
+    eot_only["tokenizer.ggml.eot_token_id"] = tokenizer.eos_token_id
+    assert check_gguf_metadata(eot_only, official, tokenizer, conversations[:3]) == []
     metadata["tokenizer.chat_template"] = official.replace("You are Qwen", "You are  Qwen")
     metadata["tokenizer.ggml.eos_token_id"] = tokenizer.pad_token_id
     problems = check_gguf_metadata(metadata, official, tokenizer, conversations[:3])

@@ -22,7 +22,7 @@ from sft.common.generation import GENERATION_CONFIG
 from sft.common.inference import start_command_logging
 from sft.common.model import check_model_source, load_tokenizer
 from sft.data import load_conversations
-from sft.export.gguf import MODELFILE, ollama_format, read_gguf_metadata
+from sft.export.gguf import MODELFILE, gguf_end_tokens, ollama_format, read_gguf_metadata
 from sft.train.audit import AuditReport, TrlPreparation, audit_samples, marked_sample, trl_labels
 
 logger = logging.getLogger(__name__)
@@ -92,14 +92,13 @@ def check_modelfile(text: str, official: str, tokenizer) -> list[str]:
 
 
 def check_gguf_metadata(metadata: dict, official: str, tokenizer, conversations: list[list[dict]]) -> list[str]:
-    """The GGUF's chat template renders the official text, and its end token is the trained end-of-turn token."""
+    """The GGUF's chat template renders the official text, and its end (or end-of-turn) token is the trained
+    end-of-turn token (`gguf_end_tokens`)."""
     problems = []
-    tokens = metadata.get("tokenizer.ggml.tokens", [])
-    eos = metadata.get("tokenizer.ggml.eos_token_id")
-    if eos is None or eos >= len(tokens) or tokens[eos] != tokenizer.eos_token:
+    named = gguf_end_tokens(metadata)
+    if tokenizer.eos_token not in named:
         problems.append(
-            f"GGUF: its end token is {tokens[eos] if eos is not None and eos < len(tokens) else None!r}, "
-            f"not the trained {tokenizer.eos_token!r}"
+            f"GGUF: its end token is {named[0] if named else None!r}, not the trained {tokenizer.eos_token!r}"
         )
     template = metadata.get("tokenizer.chat_template")
     for index, messages in enumerate(conversations):

@@ -19,6 +19,7 @@ TINY_MODEL_DIRS = {
     "llama3": "build/tiny-llama3",
     "qwen3": "build/tiny-qwen3",
     "glm4": "build/tiny-glm4",
+    "r1_distill": "build/tiny-r1_distill",
 }
 
 

@@ -2,7 +2,8 @@
 
 Where TRL bundles a training form of a model's official template it is used, ours only where needed:
 Llama-2-chat (TRL has none), Llama-3.1 (TRL has none), Qwen2.5 (TRL's also trains the newlines around a reply)
-and Qwen3 (TRL's writes a think block before every reply, which the official template does not). Any other
+Qwen3 (TRL's writes a think block before every reply, which the official template does not) and
+DeepSeek-R1-Distill (TRL's also trains the `<｜Assistant｜>` header, which the generation prompt writes). Any other
 template trains as it is: each reply's span is what rendering adds when the reply is appended to the conversation
 (`derived_reply_mask`), refused where the template rewrites earlier turns.
 """
@@ -11,6 +12,7 @@ import re
 from pathlib import Path
 
 from trl.chat_template_utils import (
+    deepseek_r1_distill_chat_template,
     get_training_chat_template,
     has_generation_markers,
     llama3_1_chat_template,
@@ -27,6 +29,7 @@ OUR_TRAINING_TEMPLATES = {
     llama3_1_chat_template: (TEMPLATES / "llama3_1_training.jinja").read_text(encoding="utf-8"),
     qwen2_5_chat_template: (TEMPLATES / "qwen2_5_training.jinja").read_text(encoding="utf-8"),
     qwen3_chat_template: (TEMPLATES / "qwen3_training.jinja").read_text(encoding="utf-8"),
+    deepseek_r1_distill_chat_template: (TEMPLATES / "deepseek_r1_distill_training.jinja").read_text(encoding="utf-8"),
 }
 _GENERATION_MARKERS = re.compile(r"{%-?\s*(end)?generation\s*-?%}")
 
