@@ -2,13 +2,14 @@
 (what rendering adds when a reply is appended), and a template that rewrites earlier turns is refused."""
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from datasets import Dataset, DatasetDict
 from test_families import tiny_model_of
 from test_template import HANDWRITTEN, lccc_conversations
 from transformers import AutoTokenizer
-from trl.chat_template_utils import qwen3_chat_template
+from trl.chat_template_utils import deepseek_r1_distill_chat_template, qwen3_chat_template
 
 from sft.common.config import parse_recipe
 from sft.common.errors import UserError
@@ -16,7 +17,7 @@ from sft.common.model import load_tokenizer
 from sft.common.template import derived_reply_mask
 from sft.tiny import SAMPLE_DATA
 from sft.train.audit import audit_before_training
-from sft.train.trainer import build_trainer
+from sft.train.trainer import build_trainer, with_derived_reply_spans
 
 # Zephyr's chat template (HuggingFaceH4/zephyr-7b-beta): neither TRL nor we have a training form of it.
 ZEPHYR = """{% for message in messages %}
@@ -85,10 +86,19 @@ def test_a_model_without_a_training_template_trains_on_the_derived_spans(zephyr_
     assert supervised == expected > 0
     replies = sum(m["role"] == "assistant" for c in conversations for m in c)
     assert sum(row["labels"].count(tokenizer.eos_token_id) for row in trainer.train_dataset) == replies
-    report = audit_before_training(trainer, tokenizer.official_chat_template, data)
+    report = audit_before_training(trainer, recipe.training, tokenizer.official_chat_template, data)
     assert report.samples == len(conversations) and not report.failures
     trainer.train()
     assert trainer.state.global_step == 2 and trainer.gathered_counts()[0, 2] > 0
+
+
+def test_spans_are_derived_only_for_assistant_only_loss(zephyr_model, conversations):
+    tokenizer = load_tokenizer(str(zephyr_model))
+    data = DatasetDict(train=Dataset.from_list([{"messages": m} for m in conversations[:3]]))
+    whole = SimpleNamespace(assistant_only_loss=False)  # loss on every token: nothing to derive
+    assert with_derived_reply_spans(whole, tokenizer, data) == (whole, data)
+    args, derived = with_derived_reply_spans(SimpleNamespace(assistant_only_loss=True), tokenizer, data)
+    assert not args.assistant_only_loss and {"input_ids", "assistant_masks"} <= set(derived["train"].column_names)
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(conversations):
@@ -99,6 +109,15 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(conversations):
     multi_turn = next(m for m in conversations if sum(x["role"] == "assistant" for x in m) > 1)
     with pytest.raises(UserError, match="rewrites earlier turns .* `chat_template_path`"):
         derived_reply_mask(tokenizer, multi_turn)
+
+
+def test_a_generation_prompt_that_is_not_where_the_reply_starts_is_refused(conversations):
+    """R1-Distill's generation prompt opens a think block its rendering of a reply does not have (hence our
+    training template for it)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_of("r1_distill"))
+    tokenizer.chat_template = deepseek_r1_distill_chat_template
+    with pytest.raises(UserError, match=r"generation prompt .*<think>\\n' is not how it renders the start of reply"):
+        derived_reply_mask(tokenizer, conversations[0])
 
 
 @pytest.mark.slow

@@ -31,6 +31,10 @@ OUR_TRAINING_TEMPLATES = {
     qwen3_chat_template: (TEMPLATES / "qwen3_training.jinja").read_text(encoding="utf-8"),
     deepseek_r1_distill_chat_template: (TEMPLATES / "deepseek_r1_distill_training.jinja").read_text(encoding="utf-8"),
 }
+ASK_FOR_MARKERS = (
+    "give a training template with {% generation %} markers around each reply and its end-of-turn token via "
+    "`chat_template_path`"
+)
 _GENERATION_MARKERS = re.compile(r"{%-?\s*(end)?generation\s*-?%}")
 
 
@@ -103,15 +107,19 @@ def derived_reply_spans(tokenizer, messages: list[dict], first: int = 0, **templ
             continue
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True, **template_kwargs)
         through = render(tokenizer, messages[: i + 1], **template_kwargs)
-        if not (through.startswith(prompt) and full.startswith(through)):
-            shown = prompt if not full.startswith(prompt) else through
-            at = next((n for n, (a, b) in enumerate(zip(shown, full, strict=False)) if a != b), len(full))
+        if not through.startswith(prompt):
             raise UserError(
-                f"the chat template rewrites earlier turns (reply {i} of a conversation: the text up to it is not "
-                f"a prefix of the whole conversation's text, from character {at}: {shown[at : at + 30]!r} vs "
+                f"the chat template's generation prompt {prompt[-30:]!r} is not how it renders the start of reply "
+                f"{i} ({through[len(prompt) - 30 : len(prompt) + 10]!r}), so the reply's span cannot be derived "
+                f"from it; {ASK_FOR_MARKERS}"
+            )
+        if not full.startswith(through):
+            at = next(n for n, (a, b) in enumerate(zip(through, full, strict=False)) if a != b)
+            raise UserError(
+                f"the chat template rewrites earlier turns (the text up to reply {i} of a conversation is not a "
+                f"prefix of the whole conversation's text, from character {at}: {through[at : at + 30]!r} vs "
                 f"{full[at : at + 30]!r}; e.g. it drops reasoning from history), so the replies' spans cannot be "
-                "derived from it; give a training template with {% generation %} markers around each reply and "
-                "its end-of-turn token via `chat_template_path`"
+                f"derived from it; {ASK_FOR_MARKERS}"
             )
         spans.append((len(prompt), len(through)))
     return spans
@@ -131,6 +139,8 @@ def derived_reply_mask(tokenizer, messages: list[dict], first: int = 0, **templa
     mask = [0] * len(ids)
     for start, end in derived_reply_spans(tokenizer, messages, first, **template_kwargs):
         tokens = [n for n, (a, b) in enumerate(offsets) if a < end and b > start]
+        if not tokens:
+            raise UserError(f"a reply renders as no text at character {start}: {ASK_FOR_MARKERS}")
         ends = [n for n in tokens if ids[n] == eot]
         if ends:
             last = ends[-1]
@@ -143,8 +153,7 @@ def derived_reply_mask(tokenizer, messages: list[dict], first: int = 0, **templa
         else:
             raise UserError(
                 f"the chat template ends a reply with no end-of-turn token {tokenizer.eos_token!r} (after "
-                f"{text[end - 20 : end + 20]!r}), so the model would never learn to stop; give a training template "
-                "with {% generation %} markers around each reply and its end-of-turn token via `chat_template_path`"
+                f"{text[end - 20 : end + 20]!r}), so the model would never learn to stop; {ASK_FOR_MARKERS}"
             )
         for n in range(tokens[0], last + 1):
             mask[n] = 1

@@ -81,7 +81,8 @@ def whole_sample_args(args):
 
 def trl_labels(preparer, tokenizer, args, dataset: Dataset) -> list[Labelled]:
     """Tokenize and label `dataset` through SFTTrainer's preparation (`preparer`: a trainer or `TrlPreparation`)."""
-    dataset = with_derived_reply_masks(tokenizer, dataset)  # as training does for a template without markers
+    if args.assistant_only_loss:  # as training does for a template without markers
+        dataset = with_derived_reply_masks(tokenizer, dataset)
     prepared = preparer._prepare_dataset(dataset, tokenizer, whole_sample_args(args), False, None, "audit")
     samples = []
     for index, (row, out) in enumerate(zip(dataset, prepared, strict=True)):
@@ -220,13 +221,14 @@ def marked_sample(tokenizer, sample: Labelled, colour: bool | None = None) -> st
     return text + tokenizer.decode(sample.input_ids[last:])
 
 
-def audit_before_training(trainer, official: str, dataset: Dataset) -> AuditReport:
-    """The audit on the first samples through the trainer's own preparation; the main process prints one marked
-    sample (as LLaMA-Factory does at every start: shown whatever the log level)."""
+def audit_before_training(trainer, args, official: str, dataset: Dataset) -> AuditReport:
+    """The audit on the first samples through the trainer's own preparation, with the recipe's training arguments
+    `args` (for derived spans the trainer's own leave `assistant_only_loss` to the masks); the main process prints
+    one marked sample (as LLaMA-Factory does at every start: shown whatever the log level)."""
     subset = dataset.select(range(min(TRAINING_AUDIT_SAMPLES, len(dataset))))
     tokenizer = trainer.processing_class
-    samples = trl_labels(trainer, tokenizer, trainer.args, subset)
-    report = audit_samples(tokenizer, official, samples, trainer.args.max_length)
+    samples = trl_labels(trainer, tokenizer, args, subset)
+    report = audit_samples(tokenizer, official, samples, args.max_length)
     report.raise_on_failure()
     if trainer.accelerator.is_main_process:
         print(

@@ -131,14 +131,15 @@ def use_wandb_offline_without_login(report_to: list[str], output_dir: str) -> No
     )
 
 
-def trainer_arguments(args, tokenizer):
-    """The recipe's arguments, but for a template without generation markers `assistant_only_loss` off: the samples
-    carry the derived `assistant_masks`, from which TRL builds the labels (its own masking needs the markers)."""
+def with_derived_reply_spans(args, tokenizer, datasets: DatasetDict) -> tuple:
+    """For assistant-only loss with a template without generation markers: the samples with the `assistant_masks`
+    derived from the official template, from which TRL builds the labels, and `assistant_only_loss` left to them
+    (TRL's own masking needs the markers). Anything else as it is."""
     if has_generation_markers(tokenizer.chat_template) or not args.assistant_only_loss:
-        return args
+        return args, datasets
     args = copy.copy(args)
     args.assistant_only_loss = False
-    return args
+    return args, DatasetDict({name: with_derived_reply_masks(tokenizer, ds) for name, ds in datasets.items()})
 
 
 def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
@@ -151,8 +152,7 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         chat_template_path=args.chat_template_path,
     )
     args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
-    datasets = DatasetDict({name: with_derived_reply_masks(tokenizer, ds) for name, ds in datasets.items()})
-    args = trainer_arguments(args, tokenizer)
+    args, datasets = with_derived_reply_spans(args, tokenizer, datasets)
     check_max_length_fits_a_turn(tokenizer, datasets["train"], args.max_length)
     evaluating = args.eval_strategy != "no"
     if evaluating and not len(datasets.get("validation", [])):
@@ -267,7 +267,7 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
     use_wandb_offline_without_login(args.report_to, args.output_dir)
     decide(recipe, machine_facts(args))
     trainer = build_trainer(recipe, datasets)
-    audit_before_training(trainer, trainer.processing_class.official_chat_template, datasets["train"])
+    audit_before_training(trainer, args, trainer.processing_class.official_chat_template, datasets["train"])
     if state.is_main_process:
         save_resolved_recipe(recipe, args.output_dir)
 
