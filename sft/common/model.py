@@ -58,11 +58,11 @@ def load_tokenizer(
     chat_template_path: str | None = None,
     need_reply_markers: bool = True,
 ):
-    """A model's or run's tokenizer, with a chat template whose assistant replies carry `{% generation %}` markers.
-
-    Training needs the markers (loss on the replies only); generating does not, so with `need_reply_markers` off a
-    template TRL cannot mark stays as it is. The pad token falls back to the end-of-sequence token, as in TRL.
+    """A model's or run's tokenizer, with a chat template whose assistant replies carry `{% generation %}` markers
+    where we or TRL have a training form of it; any other template stays as it is, and its reply spans are derived
+    from it (`derived_reply_mask`). The pad token falls back to the end-of-sequence token, as in TRL.
     The model's own template stays at hand as `official_chat_template`, for the label audit to compare against.
+    With `need_reply_markers` off (generating), a `chat_template_path` that is not a file is ignored.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
