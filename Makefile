@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 RECIPE ?= recipes/smoke.yaml
 ARGS ?=
 ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
-# The smoke models, one per family (sft/tiny.py): Llama-2, Qwen2.5 and Llama-3 lookalikes.
-TINY_MODELS := build/tiny-llama/config.json build/tiny-qwen2_5/config.json build/tiny-llama3/config.json
+# The smoke models, one per family (sft/tiny.py): Llama-2, Qwen2.5, Llama-3, Qwen3, GLM-4 and R1-Distill lookalikes.
+TINY_MODELS := build/tiny-llama/config.json build/tiny-qwen2_5/config.json build/tiny-llama3/config.json \
+	build/tiny-qwen3/config.json build/tiny-glm4/config.json build/tiny-r1_distill/config.json
 MODEL_PATH ?= output/smoke
 MERGED_DIR ?= $(MODEL_PATH)-merged
 SMOKE_OUTPUT := output/smoke
@@ -23,7 +24,7 @@ LAUNCH = $(PY) -m sft.train.accelerate_config $(ACCELERATE_CONFIG) && $(VENV)/bi
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv lock sft dpo pairs plan data tiny-model eval select chat serve merge export-gguf export-setup test test-fast mutate lint clean bench-data bench bench-gpu gpu-check gpu-kit
+.PHONY: help venv lock sft dpo pairs plan data audit tiny-model eval select chat serve merge export-gguf export-setup test test-fast mutate lint clean bench-data bench bench-gpu gpu-check gpu-kit
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
@@ -31,6 +32,7 @@ help:
 	@echo "make pairs [RECIPE=recipes/smoke_dpo.yaml] [ARGS=...]          mine its preference pairs alone"
 	@echo "make plan [RECIPE=...] [ACCELERATE_CONFIG=...] [GPU=A100]       what a run would decide, without loading or writing"
 	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
+	@echo "make audit [RECIPE=...] or MODEL_PATH=<run>                   certify labels, template, stop tokens and export"
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
 	@echo "make eval ARGS='--knowledge cmmlu'                              ... and base vs fine-tuned accuracy (lm-eval)"
 	@echo "make select [MODEL_PATH=output/smoke] [ARGS='--max_loss_increase 0.05']  the checkpoint to keep"
@@ -91,6 +93,10 @@ plan: $(VENV)/.installed $(TINY_MODELS)
 
 data: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m sft data --config $(RECIPE) $(ARGS)
+
+# A recipe (RECIPE) or, given MODEL_PATH on the command line, a trained run and its export.
+audit: $(VENV)/.installed $(TINY_MODELS)
+	$(PY) -m sft audit $(if $(filter command line,$(origin MODEL_PATH)),--model_path $(MODEL_PATH),--config $(RECIPE)) $(ARGS)
 
 bench-data: $(VENV)/.installed
 	$(PY) -m benchmarks.bench_data $(ARGS)

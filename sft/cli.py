@@ -23,6 +23,7 @@ COMMANDS = {
     "serve": ("sft.serving.server", "OpenAI-compatible API and a chat page on 127.0.0.1"),
     "merge": ("sft.export.merge", "merge the adapter into a standalone model"),
     "export-gguf": ("sft.export.gguf", "GGUF for llama.cpp, Ollama and LM Studio, with a Modelfile"),
+    "audit": ("sft.audit.certify", "certify a recipe or a run: loss on replies only, template, stop tokens, export"),
     "tiny": ("sft.tiny", "build a tiny offline model of one family for smoke runs"),
 }
 # Words a command adds in front of the user's (`plan` is `train --dry_run true`).

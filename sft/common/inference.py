@@ -332,8 +332,12 @@ def quantization_label(run: Run, quantize: bool | None) -> str:
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The chat template up to where the assistant's reply starts (Llama-2: ends with `[/INST]`)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The chat template up to where the assistant's reply starts (Llama-2: ends with `[/INST]`).
+
+    Hybrid-thinking templates (Qwen3) render in non-thinking mode, with the empty think block training left out of
+    the loss: what is served is what was trained. Other templates ignore `enable_thinking`.
+    """
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
 def encode_prompt(tokenizer, prompt: str | list[str], **kwargs):

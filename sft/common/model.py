@@ -6,6 +6,7 @@ from pathlib import Path
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from transformers import AutoTokenizer
 from trl import ModelConfig, SFTConfig
+from trl.chat_template_utils import has_generation_markers
 
 from sft.common.errors import UserError
 from sft.common.template import training_chat_template
@@ -15,7 +16,14 @@ logger = logging.getLogger(__name__)
 # Compute capability from which a GPU computes in bf16 natively (Ampere); below it (T4, V100) bf16 is only emulated,
 # slowly, so training, merging, evaluation and chat use fp16 there.
 NATIVE_BF16_CAPABILITY = (8, 0)
-TINY_MODEL_DIRS = {"llama": "build/tiny-llama", "qwen2_5": "build/tiny-qwen2_5", "llama3": "build/tiny-llama3"}
+TINY_MODEL_DIRS = {
+    "llama": "build/tiny-llama",
+    "qwen2_5": "build/tiny-qwen2_5",
+    "llama3": "build/tiny-llama3",
+    "qwen3": "build/tiny-qwen3",
+    "glm4": "build/tiny-glm4",
+    "r1_distill": "build/tiny-r1_distill",
+}
 
 
 def check_model_source(name: str | None) -> None:
@@ -66,20 +74,25 @@ def load_tokenizer(
     chat_template_path: str | None = None,
     need_reply_markers: bool = True,
 ):
-    """A model's or run's tokenizer, with a chat template whose assistant replies carry `{% generation %}` markers.
-
-    Training needs the markers (loss on the replies only); generating does not, so with `need_reply_markers` off a
-    template TRL cannot mark stays as it is. The pad token falls back to the end-of-sequence token, as in TRL.
+    """A model's or run's tokenizer, with a chat template whose assistant replies carry `{% generation %}` markers
+    where we or TRL have a training form of it; any other template stays as it is, and its reply spans are derived
+    from it (`derived_reply_mask`). The pad token falls back to the end-of-sequence token, as in TRL.
+    The model's own template stays at hand as `official_chat_template`, for the label audit to compare against.
+    With `need_reply_markers` off (generating), a `chat_template_path` that is not a file is ignored.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise UserError(hub_error_message(name, err)) from None
+    official = tokenizer.chat_template
+    tokenizer.official_chat_template = official.get("default") if isinstance(official, dict) else official
     try:
         tokenizer.chat_template = training_chat_template(tokenizer, chat_template_path)
     except UserError:
         if need_reply_markers or not tokenizer.chat_template:
             raise
+    if not has_generation_markers(tokenizer.chat_template):  # trained as it is (derived spans): it is the official
+        tokenizer.official_chat_template = tokenizer.chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

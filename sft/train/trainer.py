@@ -1,5 +1,6 @@
 """Training: SFTTrainer on a 4-bit base with LoRA, loss on assistant replies only, and what a run leaves behind."""
 
+import copy
 import logging
 import netrc
 import os
@@ -17,13 +18,16 @@ from datasets import DatasetDict
 from peft import NoMatchingPeftModuleError
 from transformers import TrainerCallback
 from trl import SFTTrainer, get_peft_config, get_quantization_config
+from trl.chat_template_utils import has_generation_markers
 
 from sft.common.config import Recipe, save_resolved_recipe
 from sft.common.errors import UserError
 from sft.common.files import reporting_full_disk
 from sft.common.generation import GenerationArguments, save_generation_config
 from sft.common.model import keep_4bit_layers_differentiable, load_tokenizer, model_init_kwargs
+from sft.common.template import with_derived_reply_masks
 from sft.data import held_out_by_source
+from sft.train.audit import audit_before_training
 from sft.train.checkpoints import (
     StopOnSignal,
     checkpoint_to_resume,
@@ -129,6 +133,17 @@ def use_wandb_offline_without_login(report_to: list[str], output_dir: str) -> No
     )
 
 
+def with_derived_reply_spans(args, tokenizer, datasets: DatasetDict) -> tuple:
+    """For assistant-only loss with a template without generation markers: the samples with the `assistant_masks`
+    derived from the official template, from which TRL builds the labels, and `assistant_only_loss` left to them
+    (TRL's own masking needs the markers). Anything else as it is."""
+    if has_generation_markers(tokenizer.chat_template) or not args.assistant_only_loss:
+        return args, datasets
+    args = copy.copy(args)
+    args.assistant_only_loss = False
+    return args, DatasetDict({name: with_derived_reply_masks(tokenizer, ds) for name, ds in datasets.items()})
+
+
 def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     args = recipe.training
     args.model_init_kwargs = model_init_kwargs(recipe.model, args)
@@ -139,18 +154,19 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         chat_template_path=args.chat_template_path,
     )
     args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
-    check_max_length_fits_a_turn(tokenizer, datasets["train"], args.max_length)
+    args, prepared = with_derived_reply_spans(args, tokenizer, datasets)  # a copy of args where spans are derived
+    check_max_length_fits_a_turn(tokenizer, prepared["train"], args.max_length)
     evaluating = args.eval_strategy != "no"
-    if evaluating and not len(datasets.get("validation", [])):
+    if evaluating and not len(prepared.get("validation", [])):
         raise UserError("eval_strategy asks for evaluation but the data has no validation samples (see val_size)")
     args.eval_on_start = args.eval_on_start and evaluating
     try:
         trainer = CountingSFTTrainer(
             model=recipe.model.model_name_or_path,
             args=args,
-            train_dataset=datasets["train"],
+            train_dataset=prepared["train"],
             # a mixture is evaluated per source: eval_<label>_loss for each
-            eval_dataset=(held_out_by_source(datasets, "validation") or datasets["validation"]) if evaluating else None,
+            eval_dataset=(held_out_by_source(prepared, "validation") or prepared["validation"]) if evaluating else None,
             processing_class=tokenizer,
             quantization_config=get_quantization_config(recipe.model),
             peft_config=get_peft_config(recipe.model),
@@ -162,6 +178,8 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         ) from None
     keep_lora_weights_in_fp32_under_fp16(trainer)
     keep_4bit_layers_differentiable(trainer.model)
+    # the label audit on a few dozen samples, before the first step: a wrong mask stops here, not after hours
+    audit_before_training(trainer, recipe.training, tokenizer.official_chat_template, datasets["train"])
     return trainer
 
 
@@ -244,9 +262,9 @@ def train(
 ) -> dict | None:
     """Train (resuming when the output folder holds an interrupted run), then publish the results atomically.
 
-    `build` makes the trainer and `summarize` its run summary (SFT's by default; the preference stage passes its own); `generation`
-    is saved as the run's generation defaults. Returns the summary, or None when a signal stopped the run after
-    saving a checkpoint.
+    `build` makes the trainer and `summarize` its run summary (SFT's by default; the preference stage passes its
+    own); `generation` is saved as the run's generation defaults. Returns the summary, or None when a signal
+    stopped the run after saving a checkpoint.
     """
     args = recipe.training
     output_dir = Path(args.output_dir)
