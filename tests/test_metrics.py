@@ -94,9 +94,16 @@ def test_the_report_scores_replies_with_all_three_modules():
     scores, per_reply = score_replies(REPLIES, ["好的", "你好", "哈哈", "我爱你"], [False, True, True, True])
     assert set(scores) == {
         *("bleu_2", "bleu_4", "distinct_1", "distinct_2", "avg_len"),
-        *("loop_rate", "repeated_ngram_rate", "no_stop_rate"),
+        *("loop_rate", "repeated_ngram_rate", "no_stop_rate", "generic_rate"),
     }
     assert scores["no_stop_rate"] == 0.25 and per_reply["loops"] == [True, False, False, False]
+    assert scores["generic_rate"] == 0.0  # no generic replies given
+
+
+@pytest.mark.slow  # loads the three `evaluate` modules: seconds
+def test_a_reply_is_generic_when_it_is_one_of_the_given_frequent_replies():
+    scores, _ = score_replies(REPLIES, REPLIES, [True] * 4, generic={"你好", "好的"})
+    assert scores["generic_rate"] == 0.25  # "你好" only: the whole reply is generic, not one holding "好的"
     assert score_replies([], [], []) == ({}, {"loops": [], "repeated_ngram_rates": []})
 
 

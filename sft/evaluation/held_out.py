@@ -63,12 +63,10 @@ def row_messages(row: dict) -> tuple[list[dict], bool]:
     raise UserError(f"cannot evaluate samples with the fields {sorted(row)}: expected chat `messages`")
 
 
-def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str, dict]:
-    """The held-out split as the data step prepares it: message lists, last-reply-only flag, data name, and a
-    mixture's message lists per source."""
+def evaluation_data(run, args):
+    """The data a run is evaluated on: `--dataset_name`, else the recipe's source or mixture."""
     from sft.common.config import DataArguments
     from sft.common.inference import resolve_local
-    from sft.data import held_out_by_source, load_conversations
 
     data = run.data
     if args.dataset_name:  # this data instead of the recipe's source or mixture
@@ -79,6 +77,24 @@ def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str, dict
         raise UserError(
             f"{run.model_path} has no recipe.yaml naming the training data; give the data with --dataset_name"
         )
+    return data
+
+
+def training_generic_replies(run, args) -> list[str]:
+    """The `args.generic_replies` most frequent replies of the data's training split: a reply among them is generic."""
+    from sft.data import load_conversations
+    from sft.data.replies import most_frequent_replies
+
+    train = load_conversations(evaluation_data(run, args), run.seed)["train"]
+    return most_frequent_replies((row_messages(row)[0] for row in train), top=args.generic_replies)
+
+
+def held_out_conversations(run, args) -> tuple[list[list[dict]], bool, str, dict]:
+    """The held-out split as the data step prepares it: message lists, last-reply-only flag, data name, and a
+    mixture's message lists per source."""
+    from sft.data import held_out_by_source, load_conversations
+
+    data = evaluation_data(run, args)
     splits = load_conversations(data, run.seed)
     if args.split not in splits or not len(splits[args.split]):
         raise UserError(f"{data.dataset_name} has no `{args.split}` conversations to evaluate on")

@@ -18,8 +18,11 @@ def load_metric(name: str):
     return evaluate.load(str(METRICS_DIR / name))
 
 
-def score_replies(texts: list[str], references: list[str], stopped: list[bool]) -> tuple[dict, dict]:
-    """The report's reply metrics (BLEU-2/4, Distinct-1/2, length, stop and loop rates) and per-reply loop values."""
+def score_replies(
+    texts: list[str], references: list[str], stopped: list[bool], generic: set[str] = frozenset()
+) -> tuple[dict, dict]:
+    """The report's reply metrics (BLEU-2/4, Distinct-1/2, length, stop, loop and generic-reply rates) and
+    per-reply loop values; a reply is generic when it is one of `generic` (the training data's most frequent)."""
     if not texts:
         return {}, {"loops": [], "repeated_ngram_rates": []}
     bleu = load_metric("char_bleu")
@@ -27,4 +30,5 @@ def score_replies(texts: list[str], references: list[str], stopped: list[bool]) 
     scores.update(load_metric("distinct").compute(predictions=texts))
     loops = load_metric("reply_loops").compute(predictions=texts, stopped=stopped)
     per_reply = {key: loops.pop(key) for key in ("loops", "repeated_ngram_rates")}
-    return {**scores, **loops}, per_reply
+    generic_rate = sum(text.strip() in generic for text in texts) / len(texts)
+    return {**scores, **loops, "generic_rate": generic_rate}, per_reply
