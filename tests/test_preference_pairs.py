@@ -108,3 +108,18 @@ def test_malformed_pairs_are_skipped_under_the_ceiling_and_refused_over_it(tmp_p
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(UserError, match="record 11: not valid JSON"):
         load_pairs(path, PreferenceArguments(sft_run="x", max_malformed_share=0.05))
+
+
+@pytest.mark.slow  # imports trl.experimental: seconds
+def test_the_method_picks_trls_config_and_an_unknown_one_is_refused():
+    from trl import DPOConfig
+    from trl.experimental.orpo import ORPOConfig
+
+    from sft.preference.config import parse_preference_recipe, training_config_class
+
+    recipe = ["--config", "recipes/smoke_dpo.yaml"]
+    assert training_config_class(recipe) is DPOConfig
+    assert training_config_class([*recipe, "--method", "orpo"]) is ORPOConfig
+    assert training_config_class([*recipe, "--method=orpo"]) is ORPOConfig
+    with pytest.raises(UserError, match="invalid choice: 'kto'"):
+        parse_preference_recipe([*recipe, "--method", "kto"])
