@@ -1,5 +1,6 @@
-"""The preference stage on real runs: reply-only scoring per family, the SFT adapter as the reference on one base,
-the smoke DPO run learning (loss falls, reward margin grows), its folder usable as an SFT run's, and resume after
+"""The preference stage on real runs: reply-only scoring per family (DPO, and ORPO or its refusal), the SFT adapter
+as the reference on one base, the smoke DPO and ORPO runs learning (loss falls, reward margin grows), the DPO folder
+usable as an SFT run's (chat, merge; no `ref/` copy), `make eval` comparing base, SFT and DPO, and resume after
 SIGKILL."""
 
 import json
