@@ -36,6 +36,7 @@ help:
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
 	@echo "make eval ARGS='--knowledge cmmlu'                              ... and base vs fine-tuned accuracy (lm-eval)"
 	@echo "make select [MODEL_PATH=output/smoke] [ARGS='--max_loss_increase 0.05']  the checkpoint to keep"
+	@echo "make eval MODEL_PATH=output/smoke-dpo ARGS='--compare_base --compare_runs output/smoke'  base vs SFT vs DPO"
 	@echo "make chat [MODEL_PATH=output/smoke]                             chat with it in the terminal"
 	@echo "make serve [MODEL_PATH=output/smoke] [ARGS='--port 8000']     OpenAI-compatible API + chat page on 127.0.0.1"
 	@echo "make merge [MODEL_PATH=output/smoke] [CHECKPOINT=selected] [MERGED_DIR=...]           merge the adapter into a standalone model"

@@ -28,6 +28,7 @@ def context(i: int) -> list[dict]:
     return [{"role": "user", "content": f"第{i}个问题"}]
 
 
+@pytest.mark.slow  # make_pairs loads eval's loop measure (an `evaluate` module): seconds
 @pytest.mark.parametrize("reason", REASONS)
 def test_each_reason_comes_from_the_case_built_for_it_only(reason):
     reply = CASES[reason]
@@ -42,6 +43,7 @@ def test_each_reason_comes_from_the_case_built_for_it_only(reason):
     assert sum(dropped.values()) == 0
 
 
+@pytest.mark.slow  # make_pairs loads eval's loop measure (an `evaluate` module): seconds
 def test_generic_or_looping_human_replies_never_stand_in_as_unrelated_ones():
     human = ["今天吃了火锅，很辣", "哈哈", "对对对对对对对对对对对对", "这首歌我听了好多遍"]
     replies = [CASES["unrelated"]] * 4
@@ -51,6 +53,7 @@ def test_generic_or_looping_human_replies_never_stand_in_as_unrelated_ones():
     assert dropped["chosen_generic"] == 1  # the generic human reply is not a chosen one
 
 
+@pytest.mark.slow  # make_pairs loads eval's loop measure (an `evaluate` module): seconds
 def test_a_rejected_reply_equal_to_the_chosen_one_is_dropped_and_counted():
     pairs, dropped = make_pairs([context(0)], ["哈哈哈哈"], [Reply("哈哈哈哈", 4, True)], set(), seed=0)
     assert not pairs and dropped["no_unrelated_reply"] + dropped["rejected_equals_chosen"] == 1
@@ -105,3 +108,18 @@ def test_malformed_pairs_are_skipped_under_the_ceiling_and_refused_over_it(tmp_p
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(UserError, match="record 11: not valid JSON"):
         load_pairs(path, PreferenceArguments(sft_run="x", max_malformed_share=0.05))
+
+
+@pytest.mark.slow  # imports trl.experimental: seconds
+def test_the_method_picks_trls_config_and_an_unknown_one_is_refused():
+    from trl import DPOConfig
+    from trl.experimental.orpo import ORPOConfig
+
+    from sft.preference.config import parse_preference_recipe, training_config_class
+
+    recipe = ["--config", "recipes/smoke_dpo.yaml"]
+    assert training_config_class(recipe) is DPOConfig
+    assert training_config_class([*recipe, "--method", "orpo"]) is ORPOConfig
+    assert training_config_class([*recipe, "--method=orpo"]) is ORPOConfig
+    with pytest.raises(UserError, match="invalid choice: 'kto'"):
+        parse_preference_recipe([*recipe, "--method", "kto"])

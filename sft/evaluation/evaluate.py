@@ -1,12 +1,15 @@
 """Evaluate a trained adapter on the held-out LCCC test split, optionally side by side with its base model.
 
 lccc-sft eval --model_path output/smoke [--compare_base] [--num_samples 100] [--knowledge cmmlu]
+lccc-sft eval --model_path output/smoke-dpo --compare_base --compare_runs output/smoke   (base vs SFT vs DPO)
 python sft/evaluate.py --model_path ./output/llama2-7b-chat-lccc
 
 Measures perplexity over the assistant reply tokens only (the training loss masking), generates replies for test
 contexts greedily and with the run's sampling settings (its `generation_config.json`; by default the LCCC paper's
 nucleus sampling, p=0.9, temperature 0.7, seeded), scores them with the paper's automatic metrics (character-level
-BLEU-2/BLEU-4, Distinct-1/2, average length) and with how often replies never stop or loop, times the generation,
+BLEU-2/BLEU-4, Distinct-1/2, average length), with how often replies never stop or loop and with the Chinese chat
+diagnostics (generic replies, drift, echoes, self-repetition), times the generation, evaluates other runs
+(`--compare_runs`) the same way,
 optionally checks multiple-choice knowledge through lm-eval, and writes `eval_report.json`, `eval_report.md` and
 `loss_curves.png`.
 """
@@ -80,7 +83,8 @@ def evaluate_model(
         sample = decoding == "sampling"
         generated = generate(contexts, sample)
         texts = [reply.text for reply in generated.replies]
-        metrics, per_reply = score_replies(texts, references, [reply.stopped for reply in generated.replies])
+        stopped = [reply.stopped for reply in generated.replies]
+        metrics, per_reply = score_replies(texts, references, stopped)
         scores[decoding] = {**metrics, **generated.speed}
         replies[decoding] = texts
         for context, reply, loops, rate in zip(
@@ -125,6 +129,14 @@ class EvalArguments:
         default=None, metadata={"help": "Where the report goes (default: the model folder)."}
     )
     compare_base: bool = field(default=False, metadata={"help": "Also evaluate the base model, side by side."})
+    compare_runs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Also evaluate these trained runs (e.g. the SFT run a DPO run continued) on the same contexts "
+            "with the same settings, side by side.",
+            "nargs": "+",
+        },
+    )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Evaluate on this LCCC file or Hub id instead of the recipe's data."}
     )
@@ -218,9 +230,11 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
             raise UserError("--backend vllm compares with the base for adapters only; evaluate the adapter folder")
         from sft.evaluation.vllm_generation import VllmReplies
 
+        if args.compare_runs:
+            raise UserError("--compare_runs generates with transformers; leave out --backend vllm")
         engine = VllmReplies(run, generation.seed)
 
-    def evaluated(model, label: str) -> tuple[dict, dict | None]:
+    def evaluated(model, label: str, tokenizer) -> tuple[dict, dict | None]:
         result = evaluate_model(
             model, tokenizer, ppl_conversations, contexts, references, settings, generation, label, inputs, engine
         )
@@ -231,7 +245,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
 
     tokenizer = run.load_tokenizer(reply_mask=True)
     model = load_model(run, quantize=quantize, device=device)
-    tuned, tuned_knowledge = evaluated(model, "fine-tuned")
+    tuned, tuned_knowledge = evaluated(model, "fine-tuned", tokenizer)
     if by_source:  # a mixture: each source's replies on their own
         tuned["metrics"]["perplexity_by_source"] = {
             label: reply_perplexity(
@@ -243,10 +257,19 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
     if args.compare_base or args.knowledge:
         if run.is_adapter:
             with model.disable_adapter():
-                base, base_knowledge = evaluated(model, "base")
+                base, base_knowledge = evaluated(model, "base", tokenizer)
         else:  # a merged model: load the base it came from, unquantized like the merged weights
-            del model
-            base, base_knowledge = evaluated(load_base(run, quantize=False, device=device).eval(), "base")
+            model = None
+            base, base_knowledge = evaluated(load_base(run, quantize=False, device=device).eval(), "base", tokenizer)
+    model = None  # one model in memory at a time
+    compared = {}
+    for path in args.compare_runs or []:
+        other = read_run(path)
+        compared[path] = evaluate_model(
+            load_model(other, quantize=quantize, device=device),
+            other.load_tokenizer(reply_mask=True),
+            *(ppl_conversations, contexts, references, settings, generation, path, inputs),
+        )
 
     samples = []
     for i, (context, reference) in enumerate(zip(contexts, references, strict=True)):
@@ -254,6 +277,8 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
         sample.update(greedy=tuned["replies"]["greedy"][i], sampled=tuned["replies"]["sampling"][i])
         if base:
             sample.update(base_greedy=base["replies"]["greedy"][i], base_sampled=base["replies"]["sampling"][i])
+        if compared:
+            sample["runs"] = {path: result["replies"]["greedy"][i] for path, result in compared.items()}
         samples.append(sample)
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -263,10 +288,13 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
         "base_model": run.base_model,
         **tuned["metrics"],
         "base": base["metrics"] if base else None,
+        "runs": {path: result["metrics"] for path, result in compared.items()} or None,
         "knowledge": None,
         "settings": settings,
         "loss_curves": str(curves) if curves else None,
-        "worst": most_repetitive(tuned["worst"] + (base["worst"] if base else [])),
+        "worst": most_repetitive(
+            tuned["worst"] + (base["worst"] if base else []) + [w for r in compared.values() for w in r["worst"]]
+        ),
         "diagnostics": {
             "generic_replies": inputs.generic,
             "dialogues": len(inputs.dialogues),
@@ -282,7 +310,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
             "limit": args.knowledge_limit,
             "accuracy": compare(tuned_knowledge, base_knowledge),
         }
-    for key in ("base", "knowledge"):
+    for key in ("base", "runs", "knowledge"):
         if report[key] is None:
             del report[key]
     write_atomically(output_dir / "eval_report.json", json.dumps(report, ensure_ascii=False, indent=2))

@@ -18,6 +18,7 @@ METRIC_NAMES = {
     "avg_len": "avg reply length (chars)",
     "no_stop_rate": "never stopped (share)",
     "loop_rate": "loops (share)",
+    "generic_rate": "generic replies (share)",
     "repeated_ngram_rate": "repeated 4-gram rate (mean)",
     "replies_per_s": "replies/s",
     "tokens_per_s": "generated tokens/s",
@@ -27,7 +28,8 @@ DEFINITIONS = (
     "BLEU is sacrebleu's corpus BLEU at character level (0-100); Distinct-n is distinct/all character n-grams over "
     "all replies. A reply *never stopped* when it ran into max_new_tokens without the end-of-turn token; it *loops* "
     "when one character 4-gram occurs 3 or more times in it (whitespace left out, overlaps counted); its repeated "
-    "4-gram rate is 1 - distinct/all of its character 4-grams. The headline metrics in `eval_report.json` are "
+    "4-gram rate is 1 - distinct/all of its character 4-grams; it is *generic* when it is one of the most frequent "
+    "replies of the training data. The headline metrics in `eval_report.json` are "
     "those of the sampled replies, as in the LCCC paper."
 )
 DIAGNOSTIC_DEFINITIONS = (
@@ -47,12 +49,12 @@ def format_value(key: str, value: float) -> str:
 
 
 def metric_rows(report: dict) -> list[list[str]]:
-    """One row per metric and decoding: name, fine-tuned value, and the base value when compared."""
+    """One row per metric and decoding: name, fine-tuned value, then the base's and other runs' when compared."""
     rows = [("perplexity (replies)", "perplexity", None)]
     rows += [(f"{name}, {DECODINGS[0]}", key, None) for key, name in DIAGNOSTICS.items()]
     for decoding in DECODINGS:
         rows += [(f"{name}, {decoding}", key, decoding) for key, name in METRIC_NAMES.items()]
-    blocks = [report, report["base"]] if report.get("base") else [report]
+    blocks = [report, *([report["base"]] if report.get("base") else []), *(report.get("runs") or {}).values()]
     return [
         [name, *(format_value(key, (block if decoding is None else block[decoding])[key]) for block in blocks)]
         for name, key, decoding in rows
@@ -66,7 +68,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def metrics_table(report: dict) -> str:
-    header = ["metric", "fine-tuned", "base"] if report.get("base") else ["metric", "value"]
+    others = ["base"] * bool(report.get("base")) + list(report.get("runs") or {})
+    header = ["metric", "fine-tuned", *others] if others else ["metric", "value"]
     return markdown_table(header, metric_rows(report))
 
 
@@ -155,6 +158,7 @@ def markdown_report(report: dict, num_examples: int) -> str:
         if compared:
             replies += [("base, greedy", "base_greedy"), ("base, sampled", "base_sampled")]
         lines += [f"- {name}: {sample[key] or '(empty)'}" for name, key in replies]
+        lines += [f"- {path}, greedy: {reply or '(empty)'}" for path, reply in sample.get("runs", {}).items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
-"""Preference recipes: a finished SFT run (`sft_run:`), where the pairs come from, and TRL's `DPOConfig`.
+"""Preference recipes: a finished SFT run (`sft_run:`), where the pairs come from, and TRL's `DPOConfig` (or, with
+`method: orpo`, the `ORPOConfig` of TRL's experimental ORPO trainer).
 
 The model side (base, 4-bit, LoRA) is the SFT run's own, read from its `recipe.yaml`; the recipe sets only what
-preference tuning adds. Every `DPOConfig` field works as a recipe key and as a `--flag`.
+preference tuning adds. Every `DPOConfig` (`ORPOConfig`) field works as a recipe key and as a `--flag`.
 """
 
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from sft.common.errors import UserError
 from sft.common.inference import Run, read_run, resolve_local
 
 PREFERENCE_KEY = "sft_run"  # a recipe naming it is a preference recipe
+METHODS = ("dpo", "orpo")  # TRL's DPOTrainer (the SFT adapter as reference), or its experimental ORPOTrainer (none)
 
 
 @dataclass
@@ -22,6 +24,14 @@ class PreferenceArguments:
     """Which SFT run to continue, and the pairs: a file of the user's own, or mined from the run's failures."""
 
     sft_run: str = field(default=None, metadata={"help": "Output folder of the finished SFT run to continue."})
+    method: str = field(
+        default="dpo",
+        metadata={
+            "help": "dpo: TRL's DPOTrainer, the SFT adapter as reference; orpo: TRL's experimental ORPOTrainer "
+            "(odds-ratio loss plus the chosen replies' NLL, no reference).",
+            "choices": METHODS,
+        },
+    )
     pairs_file: str | None = field(
         default=None,
         metadata={
@@ -68,7 +78,7 @@ class PreferenceRecipe:
     """A preference run: its own arguments, DPOConfig, the SFT run's model settings, and what recipe.yaml records."""
 
     preference: PreferenceArguments
-    training: DPOConfig
+    training: DPOConfig  # an ORPOConfig for `method: orpo`
     model: ModelConfig
     run: RunArguments
     sft: Run
@@ -79,6 +89,22 @@ def is_preference_recipe(argv: list[str]) -> bool:
     """Whether a command line's recipe (or a flag) names an SFT run to continue."""
     recipe, args = take_recipe(list(argv))
     return PREFERENCE_KEY in recipe or any(arg.split("=", 1)[0] == f"--{PREFERENCE_KEY}" for arg in args)
+
+
+def training_config_class(argv: list[str]) -> type:
+    """DPOConfig, or trl.experimental's ORPOConfig when the recipe or `--method` says orpo."""
+    recipe, args = take_recipe(list(argv))
+    method = recipe.get("method", "dpo")
+    for at, arg in enumerate(args):
+        if arg == "--method" and at + 1 < len(args):
+            method = args[at + 1]
+        elif arg.startswith("--method="):
+            method = arg.split("=", 1)[1]
+    if method != "orpo":
+        return DPOConfig  # an unknown method is refused by the argument's choices
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig
 
 
 def read_sft_run(path: str | None) -> Run:
@@ -93,7 +119,8 @@ def read_sft_run(path: str | None) -> Run:
 
 def parse_preference_recipe(argv: list[str]) -> PreferenceRecipe:
     """Parse a preference recipe plus `--flag value` overrides; the model settings come from the SFT run."""
-    parsed = parse_arguments((PreferenceArguments, DPOConfig, RunArguments), argv, prog="lccc-sft dpo")
+    config = training_config_class(argv)
+    parsed = parse_arguments((PreferenceArguments, config, RunArguments), argv, prog="lccc-sft dpo")
     preference, training, run_args = parsed.values
     sft = read_sft_run(preference.sft_run)
     preference.sft_run = str(sft.model_path)

@@ -34,14 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     from sft.preference.mining import pairs_for
     from sft.preference.pair_files import load_pairs
-    from sft.preference.trainer import build_dpo_trainer, preference_summary
+    from sft.preference.trainer import build_preference_trainer, preference_summary
     from sft.train.trainer import train
 
     with PartialState().main_process_first():  # rank 0 mines; the others then reuse its pairs
         pairs = load_pairs(pairs_for(recipe), recipe.preference)
     datasets = DatasetDict({"train": pairs})
     generation = load_generation_defaults(recipe.sft.model_path)  # served as the SFT run was
-    return train(recipe, datasets, build=build_dpo_trainer, summarize=preference_summary, generation=generation)
+    return train(recipe, datasets, build=build_preference_trainer, summarize=preference_summary, generation=generation)
 
 
 if __name__ == "__main__":

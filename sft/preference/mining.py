@@ -24,7 +24,7 @@ from sft.data import load_conversations
 from sft.data.replies import most_frequent_replies, reply_key
 from sft.evaluation.batch_generation import Reply, generate_replies
 from sft.evaluation.metrics import load_metric
-from sft.preference.config import PreferenceArguments, PreferenceRecipe, read_sft_run
+from sft.preference.config import PreferenceArguments, PreferenceRecipe, read_sft_run, training_config_class
 
 logger = logging.getLogger(__name__)
 PAIRS_FILE = "pairs.jsonl"
@@ -158,10 +158,9 @@ def pairs_for(recipe: PreferenceRecipe) -> Path:
 @exits_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> Path:
     """`lccc-sft pairs --config recipes/lccc_dpo.yaml`: mine the pairs alone (a DPO recipe's other keys are read)."""
-    from trl import DPOConfig
-
     start_command_logging()
     argv = sys.argv[1:] if argv is None else argv
-    preference, training, _ = parse_arguments((PreferenceArguments, DPOConfig, RunArguments), argv).values
+    config = training_config_class(argv)
+    preference, training, _ = parse_arguments((PreferenceArguments, config, RunArguments), argv).values
     read_sft_run(preference.sft_run)
     return mine_pairs(preference, training.seed)
