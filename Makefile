@@ -5,12 +5,16 @@ PY := $(VENV)/bin/python
 RECIPE ?= recipes/smoke.yaml
 ARGS ?=
 ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
-# The smoke models, one per family (sft/tiny.py): Llama-2, Qwen2.5 and Llama-3 lookalikes.
-TINY_MODELS := build/tiny-llama/config.json build/tiny-qwen2_5/config.json build/tiny-llama3/config.json
+# The smoke models, one per family (sft/tiny.py): Llama-2, Qwen2.5, Llama-3, Qwen3, GLM-4 and R1-Distill lookalikes.
+TINY_MODELS := build/tiny-llama/config.json build/tiny-qwen2_5/config.json build/tiny-llama3/config.json \
+	build/tiny-qwen3/config.json build/tiny-glm4/config.json build/tiny-r1_distill/config.json
 MODEL_PATH ?= output/smoke
 MERGED_DIR ?= $(MODEL_PATH)-merged
 SMOKE_OUTPUT := output/smoke
 GGUF_DIR ?= $(MODEL_PATH)-gguf
+# CHECKPOINT=selected (what `make select` chose), checkpoint-N or final: the checkpoint merge/serve/export-gguf take.
+CHECKPOINT ?=
+CHECKPOINT_ARG = $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 # llama.cpp's GGUF converter, as vendored in this llama-cpp-python source release (PyPI is all CI can reach).
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CPP := build/llama.cpp
@@ -26,25 +30,31 @@ LLAMA_CPP_TOOLS := llama-quantize llama-tokenize llama-simple
 LLAMA_CPP_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
 	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF -DGGML_NATIVE=ON
 LLAMA_CPP_JOBS ?= 2
-LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) sft/run.py
+LAUNCH = $(PY) -m sft.train.accelerate_config $(ACCELERATE_CONFIG) && $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) sft/run.py
 # eval/chat/merge of the default model train the smoke run first on a fresh clone.
 MODEL_DEPS = $(if $(filter $(SMOKE_OUTPUT),$(MODEL_PATH)),$(SMOKE_OUTPUT)/run_summary.json)
 
-.PHONY: help venv lock sft plan data tiny-model eval chat serve merge export-gguf export-setup llama-cpp test test-fast lint clean bench-data bench bench-gpu gpu-check
+.PHONY: help venv lock sft dpo pairs plan data audit tiny-model eval select chat serve merge export-gguf export-setup llama-cpp test test-fast mutate lint clean bench-data bench bench-gpu gpu-check gpu-kit
 
 help:
 	@echo "make sft [RECIPE=recipes/smoke.yaml] [ARGS='--flag value ...']  train with a recipe"
-	@echo "make plan [RECIPE=...] [ACCELERATE_CONFIG=...]                  what a run would decide, without loading or writing"
+	@echo "make dpo [RECIPE=recipes/smoke_dpo.yaml] [ARGS=...]            preference-tune a finished SFT run (DPO)"
+	@echo "make pairs [RECIPE=recipes/smoke_dpo.yaml] [ARGS=...]          mine its preference pairs alone"
+	@echo "make plan [RECIPE=...] [ACCELERATE_CONFIG=...] [GPU=A100]       what a run would decide, without loading or writing"
 	@echo "make data [RECIPE=...] [ARGS=...]                               prepare a recipe's data alone (stats.json)"
+	@echo "make audit [RECIPE=...] or MODEL_PATH=<run>                   certify labels, template, stop tokens and export"
 	@echo "make eval [MODEL_PATH=output/smoke] [ARGS=--compare_base]       evaluate a trained run on its test split"
 	@echo "make eval ARGS='--knowledge cmmlu'                              ... and base vs fine-tuned accuracy (lm-eval)"
+	@echo "make select [MODEL_PATH=output/smoke] [ARGS='--max_loss_increase 0.05']  the checkpoint to keep"
+	@echo "make eval MODEL_PATH=output/smoke-dpo ARGS='--compare_base --compare_runs output/smoke'  base vs SFT vs DPO"
 	@echo "make chat [MODEL_PATH=output/smoke]                             chat with it in the terminal"
 	@echo "make serve [MODEL_PATH=output/smoke] [ARGS='--port 8000']     OpenAI-compatible API + chat page on 127.0.0.1"
-	@echo "make merge [MODEL_PATH=output/smoke] [MERGED_DIR=...]           merge the adapter into a standalone model"
+	@echo "make merge [MODEL_PATH=output/smoke] [CHECKPOINT=selected] [MERGED_DIR=...]           merge the adapter into a standalone model"
 	@echo "make export-gguf [MODEL_PATH=output/smoke] [GGUF_DIR=...] [ARGS='--quantization q8_0']  GGUF + Ollama Modelfile"
 	@echo "make llama-cpp                                                  build llama.cpp's quantize/tokenize/simple once (K-quants, parity tests)"
 	@echo "make test                                                       run the whole test suite"
 	@echo "make test-fast                                                  its quick tier (no training run, server or browser)"
+	@echo "make mutate [MUTANTS='sft.train.plan.*']                        mutation testing of the decision modules (mutmut)"
 	@echo "make lint                                                       ruff"
 	@echo "make lock                                                       regenerate requirements.txt (the tested versions)"
 	@echo "make tiny-model                                                 build the smoke runs' tiny models"
@@ -52,6 +62,7 @@ help:
 	@echo "make bench [ARGS='--repeats 3']                                 CPU speed: our launcher vs TRL's trl sft"
 	@echo "make bench-gpu [ARGS='--variants sdpa,fa2']                     QLoRA speed of a Llama-2-7B shape on one GPU"
 	@echo "make gpu-check                                                  check a GPU machine end to end (one JSON)"
+	@echo "make gpu-kit                                                    wheels + one command for a bare offline GPU machine"
 
 venv: $(VENV)/.installed
 
@@ -63,13 +74,13 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# requirements.txt: every package the default install pulls in, pinned to what this .venv has (where the suite
+# requirements.txt: every package `pip install -e ".[all]"` pulls in, pinned to what this .venv has (where the suite
 # passed), resolved from pyproject.toml by uv. torch is pinned without its build label (+cpu, +cu130): pip takes
 # the build its index offers for that version.
 lock:
 	mkdir -p build
 	$(PY) -m pip freeze --exclude-editable | sed 's/+[a-z0-9]*$$//' > build/installed-versions.txt
-	$(VENV)/bin/uv pip compile --quiet pyproject.toml --constraint build/installed-versions.txt \
+	$(VENV)/bin/uv pip compile --quiet pyproject.toml --extra all --constraint build/installed-versions.txt \
 		--custom-compile-command "make lock" --annotation-style line --output-file requirements.txt
 
 tiny-model: $(TINY_MODELS)
@@ -80,11 +91,24 @@ build/tiny-%/config.json: $(VENV)/.installed sft/tiny.py sft/assets/lccc_sample.
 sft: $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config $(RECIPE) $(ARGS)
 
+# A DPO recipe names its SFT run (sft_run:); without a pairs_file its pairs are mined first.
+DPO_RECIPE ?= $(if $(filter recipes/smoke.yaml,$(RECIPE)),recipes/smoke_dpo.yaml,$(RECIPE))
+
+dpo: $(VENV)/.installed $(TINY_MODELS)
+	$(LAUNCH) --config $(DPO_RECIPE) $(ARGS)
+
+pairs: $(VENV)/.installed $(TINY_MODELS)
+	$(PY) -m sft pairs --config $(DPO_RECIPE) $(ARGS)
+
 plan: $(VENV)/.installed $(TINY_MODELS)
-	$(LAUNCH) --config $(RECIPE) --dry_run true $(ARGS)
+	$(LAUNCH) --config $(RECIPE) --dry_run true $(if $(GPU),--gpu $(GPU)) $(ARGS)
 
 data: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m sft data --config $(RECIPE) $(ARGS)
+
+# A recipe (RECIPE) or, given MODEL_PATH on the command line, a trained run and its export.
+audit: $(VENV)/.installed $(TINY_MODELS)
+	$(PY) -m sft audit $(if $(filter command line,$(origin MODEL_PATH)),--model_path $(MODEL_PATH),--config $(RECIPE)) $(ARGS)
 
 bench-data: $(VENV)/.installed
 	$(PY) -m benchmarks.bench_data $(ARGS)
@@ -98,8 +122,16 @@ bench-gpu: $(VENV)/.installed
 gpu-check: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m benchmarks.gpu_check $(ARGS)
 
+# build/gpu-kit/: the wheels a bare GPU machine lacks and command.sh, the one command to run there (docs/gpus-and-speed.md).
+gpu-kit: $(VENV)/.installed
+	$(PY) -m benchmarks.gpu_kit $(ARGS)
+
 $(SMOKE_OUTPUT)/run_summary.json: | $(VENV)/.installed $(TINY_MODELS)
 	$(LAUNCH) --config recipes/smoke.yaml
+
+# Score every checkpoint of a run and keep the best within the forgetting budget (ARGS='--max_knowledge_drop 1 ...').
+select: $(VENV)/.installed $(MODEL_DEPS)
+	$(PY) -m sft select --model_path $(MODEL_PATH) $(ARGS)
 
 eval: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft eval --model_path $(MODEL_PATH) $(ARGS)
@@ -108,14 +140,14 @@ chat: $(VENV)/.installed $(MODEL_DEPS)
 	$(PY) -m sft chat --model_path $(MODEL_PATH) $(ARGS)
 
 serve: $(VENV)/.installed $(MODEL_DEPS)
-	$(PY) -m sft serve --model_path $(MODEL_PATH) $(ARGS)
+	$(PY) -m sft serve --model_path $(MODEL_PATH) $(CHECKPOINT_ARG) $(ARGS)
 
 merge: $(VENV)/.installed $(MODEL_DEPS)
-	$(PY) -m sft merge --model_path $(MODEL_PATH) --output_dir $(MERGED_DIR) $(ARGS)
+	$(PY) -m sft merge --model_path $(MODEL_PATH) $(CHECKPOINT_ARG) --output_dir $(MERGED_DIR) $(ARGS)
 
 # 4-bit K-quants go through llama.cpp's llama-quantize.
 export-gguf: export-setup $(if $(filter q%_k_m q%_k,$(ARGS)),llama-cpp) $(MODEL_DEPS)
-	$(PY) -m sft export-gguf --model_path $(MODEL_PATH) --output_dir $(GGUF_DIR) $(ARGS)
+	$(PY) -m sft export-gguf --model_path $(MODEL_PATH) $(CHECKPOINT_ARG) --output_dir $(GGUF_DIR) $(ARGS)
 
 # The `export` extra of pyproject.toml and llama.cpp's converter (1-2 minutes, once).
 export-setup: $(VENV)/.export-installed $(CONVERTER)
@@ -156,6 +188,14 @@ test: $(VENV)/.installed $(TINY_MODELS) export-setup llama-cpp
 # The quick tier: no training run, server, browser or export (tests marked `slow` are left out).
 test-fast: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Mutation testing (mutmut, configured in pyproject.toml; not part of CI): every mutant of the configured modules, or
+# those whose names match MUTANTS (e.g. 'sft.train.plan.*'); results stay in mutants/ (`mutmut results`, `mutmut show`).
+MUTANTS ?=
+mutate: $(VENV)/.installed $(TINY_MODELS) export-setup
+	rm -rf mutants
+	nice $(VENV)/bin/mutmut run $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

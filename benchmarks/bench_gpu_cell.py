@@ -2,6 +2,7 @@
 
 import gc
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -16,8 +17,11 @@ from tokenizers import Tokenizer, models
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from benchmarks.common import BOS, EOS, FIRST_WORD, PAD, VARIANTS, attended_length
-from sft.train.machine import peak_memory
+from benchmarks.common import BOS, EOS, FIRST_WORD, PAD, VARIANTS
+from sft.common.config import CHECKPOINTING
+from sft.train.gpus import attended_length
+from sft.train.machine import paged_optimizer_bytes, peak_memory
+from sft.train.trainer import keep_lora_weights_in_fp32_under_fp16
 
 
 def llama_config(shape: dict) -> LlamaConfig:
@@ -81,28 +85,60 @@ def synchronize() -> None:
 
 
 class Throughput(TrainerCallback):
-    """Wall time and input tokens of the optimizer steps after the warm-up ones."""
+    """Wall time and input tokens of each optimizer step after the warm-up ones."""
 
     def __init__(self, warmup_steps: int):
         self.warmup_steps = warmup_steps
-        self.start = self.end = None
-        self.tokens_at_start = self.tokens_at_end = 0
+        self.last, self.tokens_at_last = None, 0
+        self.step_seconds: list[float] = []
+        self.step_tokens: list[int] = []
 
     def on_step_end(self, args, state, control, **kwargs):
         synchronize()
         now = time.perf_counter()
-        if state.global_step == self.warmup_steps:
-            self.start, self.tokens_at_start = now, state.num_input_tokens_seen
-        self.end, self.tokens_at_end = now, state.num_input_tokens_seen
+        if state.global_step > self.warmup_steps:
+            self.step_seconds.append(now - self.last)
+            self.step_tokens.append(state.num_input_tokens_seen - self.tokens_at_last)
+        self.last, self.tokens_at_last = now, state.num_input_tokens_seen
 
-    def tokens_per_second(self) -> float:
-        return (self.tokens_at_end - self.tokens_at_start) / (self.end - self.start)
+    def figures(self) -> dict:
+        """Tokens/s over all timed steps, and the spread of the steps (time, and tokens/s of each step)."""
+        seconds, rates = self.step_seconds, [t / s for t, s in zip(self.step_tokens, self.step_seconds, strict=True)]
+        return {
+            "tokens_per_s": round(sum(self.step_tokens) / sum(seconds), 1),
+            "timed_steps": len(seconds),
+            "step_time_s": {
+                "median": round(statistics.median(seconds), 4),
+                "min": round(min(seconds), 4),
+                "max": round(max(seconds), 4),
+                "stdev": round(statistics.stdev(seconds), 4) if len(seconds) > 1 else 0.0,
+            },
+            "tokens_per_s_min": round(min(rates), 1),
+            "tokens_per_s_max": round(max(rates), 1),
+        }
 
 
-def load_4bit(checkpoint: str, attention: str) -> LlamaForCausalLM:
+def attention_figures(packed_rows: list[list[int]], batch_size: int, packing: bool, attention: str) -> float:
+    """The length attention really ran over: `packed_rows` holds each row's sequence lengths; TRL's padding-free
+    collator flattens a micro-batch of packed rows into one sequence (see sft/train/gpus.py)."""
+    lengths = [n for row in packed_rows for n in row]
+    rows = [sum(row) for row in packed_rows]
+    if packing:  # consecutive rows as micro-batches: bfd rows are nearly full, so the grouping hardly matters
+        rows = [sum(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+    return attended_length(lengths, rows, attention)
+
+
+def cuda_context_bytes(device: torch.device) -> int:
+    """GPU memory this process holds outside torch's allocator and the paged optimizer: the CUDA context and the
+    kernels loaded (the cell is the only process on its GPU)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device) - paged_optimizer_bytes()
+
+
+def load_4bit(checkpoint: str, attention: str, dtype_name: str) -> LlamaForCausalLM:
     """The checkpoint quantized to 4-bit NF4 with double quantization as it is read, on the first GPU (or CPU)."""
     on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = getattr(torch, dtype_name)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
     )
@@ -121,7 +157,7 @@ def measure(cell: dict, warmup_steps: int, steps: int) -> dict:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     variant, length = VARIANTS[cell["variant"]], cell["length"]
-    model = load_4bit(cell["checkpoint"], variant.attention)
+    model = load_4bit(cell["checkpoint"], variant.attention, cell["dtype"])
     on_gpu = model.device.type == "cuda"
     tokens_needed = (warmup_steps + steps + 1) * cell["batch_size"] * cell["grad_accum"] * length
     dataset = random_sequences(int(tokens_needed * 1.2), length, model.config.vocab_size, variant.packing)
@@ -138,12 +174,13 @@ def measure(cell: dict, warmup_steps: int, steps: int) -> dict:
             learning_rate=2e-4,
             lr_scheduler_type="constant",
             optim="paged_adamw_32bit" if on_gpu else "adamw_torch",
-            bf16=on_gpu,
+            bf16=cell["dtype"] == "bfloat16",
+            fp16=cell["dtype"] == "float16",  # a GPU without native bf16, as the launcher decides (sft/train/plan.py)
             use_cpu=not on_gpu,
             packing=variant.packing,
             packing_strategy="bfd",
             max_length=length,
-            activation_checkpointing=variant.checkpointing,
+            **{CHECKPOINTING: variant.checkpointing},  # the name this transformers knows
             use_liger_kernel=variant.liger,
             include_num_input_tokens_seen="all",  # no padding (packed, or rows of full length): every slot is real
             logging_strategy="no",
@@ -160,20 +197,28 @@ def measure(cell: dict, warmup_steps: int, steps: int) -> dict:
             peft_config=lora,
             callbacks=[timer],
         )
+        keep_lora_weights_in_fp32_under_fp16(trainer)
+        packed_rows = trainer.train_dataset["seq_lengths" if variant.packing else "input_ids"]
+        if not variant.packing:
+            packed_rows = [[len(ids)] for ids in packed_rows]
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(model.device)
         trainer.train()
     memory = peak_memory(model.device)
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+    context = cuda_context_bytes(model.device) if on_gpu else None
     del trainer, model
     gc.collect()
     return {
         "status": "ok",
-        "tokens_per_s": round(timer.tokens_per_second(), 1),
-        "step_time_s": round((timer.end - timer.start) / steps, 3),
+        **timer.figures(),
         "peak_allocated_gb": round(memory["allocated"] / 1e9, 2),
         "peak_reserved_gb": round(memory["reserved"] / 1e9, 2),
         "paged_optimizer_gb": round(memory["paged_optimizer"] / 1e9, 3),
+        "cuda_context_gb": round(context / 1e9, 2) if on_gpu else None,
+        # what nvidia-smi shows for the process at its peak: torch's reserved pool, the context, the paged states
+        "peak_nvidia_smi_gb": round((memory["reserved"] + context + memory["paged_optimizer"]) / 1e9, 2)
+        if on_gpu
+        else None,
         "peak_memory_kind": memory["kind"],
-        "attended_length": attended_length(lengths, length, variant.attention, variant.packing),
+        "attended_length": attention_figures(packed_rows, cell["batch_size"], variant.packing, variant.attention),
     }

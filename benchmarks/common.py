@@ -26,6 +26,7 @@ class Variant:
 VARIANTS = {
     "sdpa": Variant("sdpa", "sdpa", checkpointing=True),
     "sdpa-no-ckpt": Variant("sdpa-no-ckpt", "sdpa", checkpointing=False),
+    "flex": Variant("flex", "flex_attention", checkpointing=True),
     "fa2": Variant("fa2", "flash_attention_2", checkpointing=True),
     "fa2-no-ckpt": Variant("fa2-no-ckpt", "flash_attention_2", checkpointing=False),
     "fa2-liger": Variant("fa2-liger", "flash_attention_2", checkpointing=True, liger=True),
@@ -33,11 +34,3 @@ VARIANTS = {
     "llamafactory-sdpa": Variant("llamafactory-sdpa", "sdpa", checkpointing=True, packing=False),
     "llamafactory-fa2": Variant("llamafactory-fa2", "flash_attention_2", checkpointing=True, packing=False),
 }
-
-
-def attended_length(lengths: list[int], row: int, attention: str, packing: bool) -> float:
-    """The token-weighted length of the attention really computed: each sequence's own under FlashAttention-2's
-    variable-length kernel, the whole packed row under SDPA."""
-    if packing and attention != "flash_attention_2":
-        return float(row)
-    return sum(n * n for n in lengths) / sum(lengths)

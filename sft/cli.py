@@ -12,14 +12,18 @@ from sft.common.errors import UserError, exits_cleanly_on_user_error
 
 # name: (module whose `main(argv)` runs it, one line for `--help`)
 COMMANDS = {
-    "train": ("sft.train.launch", "fine-tune with a recipe (one process; several: accelerate launch sft/run.py)"),
-    "plan": ("sft.train.launch", "what a run would decide, without loading or writing anything"),
+    "train": ("sft.run", "fine-tune with a recipe (one process; several: accelerate launch sft/run.py)"),
+    "plan": ("sft.run", "what a run would decide, without loading or writing anything"),
     "data": ("sft.data.__main__", "prepare a recipe's data alone (stats.json)"),
+    "pairs": ("sft.preference.mining", "mine preference pairs from an SFT run's failures (pairs_stats.json)"),
+    "dpo": ("sft.preference.launch", "preference-tune a finished SFT run's adapter (DPO) with a recipe"),
     "eval": ("sft.evaluation.evaluate", "evaluate a trained run on its held-out split"),
+    "select": ("sft.evaluation.select", "score every checkpoint of a run and keep the best within a forgetting budget"),
     "chat": ("sft.serving.chat", "chat with a trained run in the terminal"),
     "serve": ("sft.serving.server", "OpenAI-compatible API and a chat page on 127.0.0.1"),
     "merge": ("sft.export.merge", "merge the adapter into a standalone model"),
     "export-gguf": ("sft.export.gguf", "GGUF for llama.cpp, Ollama and LM Studio, with a Modelfile"),
+    "audit": ("sft.audit.certify", "certify a recipe or a run: loss on replies only, template, stop tokens, export"),
     "tiny": ("sft.tiny", "build a tiny offline model of one family for smoke runs"),
 }
 # Words a command adds in front of the user's (`plan` is `train --dry_run true`).

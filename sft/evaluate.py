@@ -8,7 +8,9 @@ if not __package__:
 
     rerun_as_module("sft.evaluate")
 
-from sft.evaluation.evaluate import main  # noqa: E402
+import sys  # noqa: E402
+
+from sft.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    main(["eval", *sys.argv[1:]])  # through the CLI's wrapper: Ctrl-C while importing is one line too

@@ -1,6 +1,8 @@
 """`python -m sft.merge ...`, the form earlier versions documented: the same as `lccc-sft merge ...`."""
 
-from sft.export.merge import main
+import sys
+
+from sft.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["merge", *sys.argv[1:]])  # through the CLI's wrapper: Ctrl-C while importing is one line too

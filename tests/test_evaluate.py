@@ -16,6 +16,7 @@ from sft.common.generation import (
 )
 from sft.common.inference import encode_prompt, read_run, render_prompt
 from sft.evaluation.batch_generation import cut_at_end_of_turn, generate_replies
+from sft.evaluation.diagnostics import DIAGNOSTICS
 from sft.evaluation.evaluate import main
 from sft.evaluation.held_out import reply_perplexity
 
@@ -174,6 +175,8 @@ def test_training_saves_the_default_generation_settings_with_the_run(smoke_run):
 
 def test_eval_of_the_smoke_adapter_writes_the_reports(smoke_run, tmp_path, capsys):
     run = copy_of_run(smoke_run, tmp_path)
+    with open(run / "recipe.yaml", "a", encoding="utf-8") as recipe:  # a system prompt: the probes run too
+        recipe.write("\nsystem_prompt: 你是一个简短回答的中文助手。\n")
     saved_settings = GenerationArguments(max_new_tokens=5, repetition_penalty=1.3, no_repeat_ngram_size=2, top_k=40)
     save_generation_config(run, saved_settings, read_run(str(run)).load_tokenizer())
     out = tmp_path / "report"
@@ -209,6 +212,14 @@ def test_eval_of_the_smoke_adapter_writes_the_reports(smoke_run, tmp_path, capsy
     markdown = (out / "eval_report.md").read_text(encoding="utf-8")
     assert "| metric | value |" in markdown and "loss_curves.png" in markdown and "## Examples" in markdown
     assert "## Worst replies" in markdown and "| never stopped (share), greedy |" in markdown
+    # The Chinese chat diagnostics: the shipped sample's training replies seen more than once are the generic ones.
+    assert saved["diagnostics"]["generic_replies"] == [["几点？", 3], ["去哪儿？", 2]]
+    assert saved["diagnostics"]["system_prompt"] == "你是一个简短回答的中文助手。"
+    assert saved["diagnostics"]["dialogues"] > 0
+    for key in DIAGNOSTICS:
+        assert 0 <= saved[key] <= 1, key
+    assert "## Chinese chat diagnostics" in markdown and "几点？ (3)" in markdown
+    assert "| system-prompt probes kept (share), sampling |" in markdown
     printed = capsys.readouterr().out
     assert "| perplexity (replies) |" in printed and "| BLEU-4, sampling |" in printed
     assert "| loops (share), sampling |" in printed and "| replies/s, greedy |" in printed

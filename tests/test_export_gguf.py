@@ -329,11 +329,15 @@ def test_modelfile_template_renders_conversations_as_the_runs_chat_template(expo
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "chat_format", "end_of_turn"),
-    [("qwen2_5", "qwen2.5", "<|im_end|>"), ("llama3", "llama-3.1", "<|eot_id|>")],
+    [
+        ("qwen2_5", "qwen2.5", "<|im_end|>"),
+        ("llama3", "llama-3.1", "<|eot_id|>"),
+        ("qwen3", "qwen3", "<|im_end|>"),
+        ("glm4", "glm-4", "<|user|>"),
+        ("r1_distill", "deepseek-r1-distill", "<｜end▁of▁sentence｜>"),
+    ],
 )
-def test_qwen2_5_and_llama3_modelfiles_render_conversations_as_their_chat_templates(
-    family, chat_format, end_of_turn, tmp_path
-):
+def test_each_familys_modelfile_renders_conversations_as_its_chat_template(family, chat_format, end_of_turn, tmp_path):
     """The Modelfile the export writes for the family's smoke model (whose tokenizer llama.cpp refuses, see below)."""
     tokenizer = read_run(str(tiny_model_of(family))).load_tokenizer()
     fmt = sft.export.gguf.ollama_format(inference_chat_template(tokenizer.chat_template))

@@ -1,5 +1,6 @@
-"""Qwen2.5 and Llama-3 beside Llama-2: the official template's text, the loss on the replies and their end-of-turn
-token only, and one short smoke run per family that trains, evaluates, chats, merges and stops at the right token."""
+"""Qwen2.5, Qwen3, GLM-4, DeepSeek-R1-Distill and Llama-3 beside Llama-2: the official template's text, the loss
+on the replies and their end-of-turn token only, and one short smoke run per family that trains, evaluates, chats,
+merges and stops at the right token."""
 
 import json
 import math
@@ -12,20 +13,21 @@ from helpers import LAUNCH, ROOT, run_command
 from test_template import HANDWRITTEN, lccc_conversations, supervised_runs
 from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
 from trl.chat_template_utils import (
+    deepseek_r1_distill_chat_template,
     has_generation_markers,
     llama3_1_chat_template,
     llama3_chat_template,
     llama3_training_chat_template,
     qwen2_5_chat_template,
+    qwen3_chat_template,
     qwen3_instruct_2507_chat_template,
     qwen3_instruct_2507_training_chat_template,
 )
 
 from sft.common.config import parse_recipe
-from sft.common.errors import UserError
 from sft.common.model import TINY_MODEL_DIRS
 from sft.common.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
-from sft.tiny import BUILDERS, SAMPLE_DATA
+from sft.tiny import BUILDERS, GLM4_CHAT_TEMPLATE, SAMPLE_DATA
 from sft.train.trainer import build_trainer
 
 
@@ -38,11 +40,31 @@ class Family:
     bos: str | None  # the begin-of-text token the template writes once, if the family has one
     reply_header: str  # the text just before a reply (the end of the generation prompt)
     trims: bool  # whether the template strips the white space around a message
+    reply_opening: str = ""  # what the template writes at the start of a reply, after the generation prompt
+    served_prompt_end: str | None = None  # how a served prompt ends, where not with `reply_header` (R1's <think>)
 
 
 FAMILIES = {
     "qwen2_5": Family(
         "qwen2_5", "recipes/smoke_qwen2_5.yaml", qwen2_5_chat_template, "<|im_end|>", None, "assistant\n", False
+    ),
+    "qwen3": Family("qwen3", "recipes/smoke_qwen3.yaml", qwen3_chat_template, "<|im_end|>", None, "\n", False),
+    # GLM-4-0414: no training template of ours or TRL's, the spans are derived; the reply starts with a newline
+    # and ends where the next <|user|> begins
+    "glm4": Family(
+        "glm4", "recipes/smoke_glm4.yaml", GLM4_CHAT_TEMPLATE, "<|user|>", None, "<|assistant|>", False, "\n"
+    ),
+    # DeepSeek-R1-Distill: the generation prompt opens a think block that the official text of a conversation
+    # (reasoning dropped from every reply) never has
+    "r1_distill": Family(
+        "r1_distill",
+        "recipes/smoke_r1_distill.yaml",
+        deepseek_r1_distill_chat_template,
+        "<｜end▁of▁sentence｜>",
+        "<｜begin▁of▁sentence｜>",
+        "<｜Assistant｜>",
+        False,
+        served_prompt_end="<｜Assistant｜><think>\n",
     ),
     "llama3": Family(
         "llama3",
@@ -92,6 +114,8 @@ OFFICIAL_TEMPLATES = {  # name: (template, the tiny model whose tokens it uses, 
     "qwen3_instruct_2507": (qwen3_instruct_2507_chat_template, "qwen2_5", qwen3_instruct_2507_training_chat_template),
     "llama3_1": (llama3_1_chat_template, "llama3", None),
     "llama3": (llama3_chat_template, "llama3", llama3_training_chat_template),
+    "qwen3": (qwen3_chat_template, "qwen3", None),
+    "deepseek_r1_distill": (deepseek_r1_distill_chat_template, "r1_distill", None),
 }
 
 
@@ -117,10 +141,10 @@ def test_training_templates_render_exactly_the_official_text(name, conversations
                 assert rendered == expected
 
 
-def test_an_unknown_template_still_stops_with_the_clear_message(family, tokenizer):
-    tokenizer.chat_template = family.official.replace("<|im_start|>", "<|im_begin|>").replace("eot_id", "end_id")
-    with pytest.raises(UserError, match="TRL cannot add them"):
-        training_chat_template(tokenizer)
+def test_an_unknown_template_trains_as_it_is_through_derived_spans(family, tokenizer):
+    unknown = family.official + "{#- a local variant: neither we nor TRL know it #}"
+    tokenizer.chat_template = unknown
+    assert training_chat_template(tokenizer) == unknown  # no markers: tests/test_derived_spans.py
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +171,8 @@ def test_labels_cover_exactly_the_replies_and_their_end_of_turn_token(family, tr
         for (start, end), reply in zip(runs, replies, strict=True):
             assert labels[start:end] == ids[start:end]
             assert ids[end - 1] == end_of_turn
-            assert tokenizer.decode(ids[start:end]) == (reply.strip() if family.trims else reply) + family.end_of_turn
+            content = reply.strip() if family.trims else reply
+            assert tokenizer.decode(ids[start:end]) == family.reply_opening + content + family.end_of_turn
             assert tokenizer.decode(ids[:start]).endswith(family.reply_header)
         unsupervised = tokenizer.decode([t for t, label in zip(real, labels, strict=False) if label == -100])
         for message in messages:
@@ -182,7 +207,16 @@ def family_run(family, tmp_path_factory):
     args = ["--output_dir", str(output_dir), "--max_steps", "16", "--eval_steps", "8", "--save_steps", "16"]
     result = run_command([*LAUNCH, "--config", family.recipe, *args])
     assert result.returncode == 0, result.stderr[-3000:]
+    (output_dir.parent / "train.log").write_text(result.stdout + result.stderr, encoding="utf-8")
     return output_dir
+
+
+@pytest.mark.slow
+def test_the_smoke_run_audits_its_labels_and_shows_a_marked_sample_first(family, family_run):
+    log = (family_run.parent / "train.log").read_text(encoding="utf-8")
+    audit = log.index("label audit: 32 samples, loss on each reply and its end-of-turn token only")
+    assert f"{family.end_of_turn}]]" in log[audit:]  # the marked sample: a reply and its end-of-turn in brackets
+    assert "'loss'" not in log[:audit]  # before any step
 
 
 @pytest.mark.slow
@@ -233,7 +267,7 @@ def test_chat_stops_at_the_end_of_turn_token(family, family_run):
         generation=generation_kwargs(tokenizer, GenerationArguments(max_new_tokens=12, do_sample=False)),
     )
     prompt = session.prompt_ids("你好")
-    assert tokenizer.decode(prompt).endswith(family.reply_header)
+    assert tokenizer.decode(prompt).endswith(family.served_prompt_end or family.reply_header)
     session.generation["logits_processor"] = LogitsProcessorList([EndTurnAt(end_of_turn, len(prompt) + 2)])
     output = session.model.generate(input_ids=torch.tensor([prompt]), **session.generation)[0, len(prompt) :].tolist()
     assert output[-1] == end_of_turn and len(output) == 3  # stopped right at the end-of-turn token
@@ -252,5 +286,6 @@ def test_merge_ships_the_official_template(family, family_run, tmp_path):
     assert tokenizer.chat_template == family.official
     # evaluation of the merged model finds the reply markers again
     assert (
-        read_run(str(merged)).load_tokenizer(reply_mask=True).chat_template == OUR_TRAINING_TEMPLATES[family.official]
+        read_run(str(merged)).load_tokenizer(reply_mask=True).chat_template
+        == OUR_TRAINING_TEMPLATES.get(family.official, family.official)  # GLM-4: trained as it is, derived spans
     )

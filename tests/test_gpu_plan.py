@@ -2,15 +2,18 @@
 DDP launch; and `--dry_run true`, which prints them."""
 
 import dataclasses
+import json
 import os
 
 import pytest
 import torch
 import yaml
 from accelerate.utils import DistributedType
-from helpers import SMOKE_RECIPE, run_command
+from helpers import SMOKE_RECIPE, fake_gpus, run_command
 
 from sft.common.config import parse_recipe
+from sft.common.inference import read_run, without_emulated_bf16
+from sft.export import merge as merge_module
 from sft.train.dry_run import dry_run
 from sft.train.machine import Facts, attention_for, distributed_type_at_load, machine_facts
 from sft.train.plan import decide
@@ -229,3 +232,51 @@ def test_the_real_recipes_train_packed_without_padding_on_every_gpu(name, facts)
     decide(r, facts)
     assert r.training.packing and r.training.packing_strategy == "bfd"
     assert r.model.attn_implementation in ("flash_attention_2", "sdpa")
+
+
+@pytest.mark.parametrize("visible, local_rank, gpu", [(1, "1", 0), (4, "3", 3), (2, "3", 1)])
+def test_each_rank_trains_on_a_gpu_it_sees(visible, local_rank, gpu, monkeypatch):
+    """A scheduler that shows each rank one GPU (CUDA_VISIBLE_DEVICES per rank) gives rank 1 only cuda:0: the
+    model goes where the Accelerator puts the batches (LOCAL_RANK modulo the visible GPUs), not to cuda:1."""
+    r = recipe(*LCCC_BASE_LIKE)
+    asked = fake_gpus(monkeypatch, visible, (9, 0), "NVIDIA H100 80GB HBM3")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    facts = machine_facts()
+    assert facts.local_rank == gpu and set(asked) == {gpu}
+    decide(r, facts)
+    assert r.training.model_init_kwargs["device_map"] == {"": gpu}
+
+
+def fake_run(tmp_path, recipe_dtype: str, trained_dtype: str | None):
+    """A run folder as training leaves it: adapter config, recipe.yaml, and run_summary.json when finished."""
+    from helpers import TINY_MODEL
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(TINY_MODEL)}))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"dtype": recipe_dtype, "bf16": True, "load_in_4bit": True}))
+    if trained_dtype:
+        (tmp_path / "run_summary.json").write_text(json.dumps({"dtype": trained_dtype, "global_step": 1}))
+    return read_run(str(tmp_path))
+
+
+def test_eval_chat_and_merge_use_the_precision_the_run_trained_in(tmp_path):
+    """A bf16 recipe trained on a T4 trained in fp16 (the plan's change, recorded in run_summary.json)."""
+    assert fake_run(tmp_path, "bfloat16", "float16").model_args.dtype == "float16"
+    (tmp_path / "checkpoint-5").mkdir()  # a checkpoint of that run
+    assert fake_run(tmp_path / "checkpoint-5", "bfloat16", None).model_args.dtype == "float16"
+    (tmp_path / "unfinished" / "checkpoint-5").mkdir(parents=True)  # not known: the recipe's
+    assert fake_run(tmp_path / "unfinished" / "checkpoint-5", "bfloat16", None).model_args.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_on_a_t4_inference_and_merging_use_fp16_not_emulated_bf16(capability, expected, tmp_path, monkeypatch):
+    """A run whose precision is known only as bf16 (a checkpoint, or trained on an A100) loads and merges in fp16 on
+    a GPU without native bf16: `torch.cuda.is_bf16_supported()` would say yes there (emulation)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(merge_module, "stored_dtype", lambda run: torch.bfloat16)
+    (tmp_path / "checkpoint-5").mkdir()
+    run = fake_run(tmp_path / "checkpoint-5", "bfloat16", None)
+    assert merge_module.merge_dtype(run, "cuda", None) == expected
+    assert without_emulated_bf16(torch.bfloat16, "cuda:0") == expected
+    assert without_emulated_bf16(torch.bfloat16, "cpu") == torch.bfloat16  # CPUs: as asked
+    assert without_emulated_bf16(torch.float32, "cuda") == torch.float32

@@ -8,7 +8,7 @@ from sft.evaluation.evaluate import main
 
 pytestmark = pytest.mark.slow  # every test here needs a training run, a server or a browser
 
-pytest.importorskip("lm_eval", reason='the knowledge check needs the eval extra: pip install -e ".[eval]"')
+pytest.importorskip("lm_eval", reason='the knowledge check needs the knowledge extra: pip install -e ".[knowledge]"')
 
 QUESTIONS = [
     {"Question": "中国的首都是哪里？", "A": "上海", "B": "北京", "C": "广州", "D": "深圳", "Answer": "B"},

@@ -1,4 +1,5 @@
-"""requirements.txt is pyproject.toml's default install, pinned: the two cannot drift apart silently."""
+"""requirements.txt is pyproject.toml's install with every extra users get (`.[all]`), pinned: the two cannot drift
+apart silently."""
 
 import re
 from pathlib import Path
@@ -13,8 +14,19 @@ PIN = re.compile(r"^([A-Za-z0-9._-]+)==([^\s;#]+)(?:\s*;[^#]*)?(?:\s*#\s*via (.*
 
 
 def declared() -> dict[str, Requirement]:
+    """`dependencies` and the `all` extra, its references to the project's own extras expanded."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    return {canonicalize_name(r.name): r for r in map(Requirement, project["dependencies"])}
+    extras, wanted, out = project["optional-dependencies"], ["all"], {}
+    requirements = [*map(Requirement, project["dependencies"])]
+    while wanted:
+        for requirement in map(Requirement, extras[wanted.pop()]):
+            if canonicalize_name(requirement.name) == canonicalize_name(project["name"]):
+                wanted += sorted(requirement.extras)
+            else:
+                requirements.append(requirement)
+    for requirement in requirements:
+        out[canonicalize_name(requirement.name)] = requirement
+    return out
 
 
 def locked() -> dict[str, tuple[Version, str]]:

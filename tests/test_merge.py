@@ -101,7 +101,7 @@ def test_pipeline_generates_from_the_merged_model_without_peft(merged):
 
 def test_merge_refuses_to_overwrite_the_adapter_or_merge_a_merged_model(smoke_run, merged, capsys):
     for argv, message in [
-        (["--model_path", str(smoke_run), "--output_dir", str(smoke_run)], "must differ from --model_path"),
+        (["--model_path", str(smoke_run), "--output_dir", str(smoke_run)], "must lie outside --model_path"),
         (["--model_path", str(smoke_run), "--output_dir", str(merged)], "exists and is not empty"),
         (["--model_path", str(merged), "--output_dir", str(merged) + "-again"], "nothing to merge"),
         (["--model_path", str(smoke_run), "--output_dir", str(smoke_run.parent), "--overwrite"], "only an earlier"),
@@ -119,9 +119,9 @@ def test_merge_dtype_half_on_gpu_own_dtype_on_cpu_or_for_float32(smoke_run, monk
     assert sft.export.merge.merge_dtype(run, "cpu", "bfloat16") == torch.bfloat16
     monkeypatch.setattr(sft.export.merge, "stored_dtype", lambda run: torch.float16)  # a Llama-2 checkpoint
     assert sft.export.merge.merge_dtype(run, "cpu", None) == torch.float16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
     assert sft.export.merge.merge_dtype(run, "cuda", None) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: bf16 only emulated
     assert sft.export.merge.merge_dtype(run, "cuda", None) == torch.float16
 
 

@@ -9,6 +9,7 @@ command line win, and every mistake (an unknown key or flag, a value of the wron
 import argparse
 import difflib
 import enum
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,46 @@ from trl import TrlParser
 
 from sft.common.errors import UserError
 
+# Arguments renamed upstream, the newer name -> the older one: transformers < 5.23 knows activation checkpointing only
+# as `gradient_checkpointing` (5.23 made that an alias), so a recipe with the newer name still runs there.
+OLDER_NAMES = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
+
+# Float arguments for which infinity means something (`max_grad_norm: .inf`: measure the norm, never clip); every
+# other float must be finite, and NaN never passes.
+INFINITY_ALLOWED = {"max_grad_norm"}
+
+
+def finite_float(text: str) -> float:
+    """A float argument that infinity or NaN would silently break (a learning rate of inf trains NaN weights)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def float_or_infinity(text: str) -> float:
+    value = float(text)
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text}")
+    return value
+
+
+# argparse and the recipe checks name an expected type by its __name__: these still read "float"
+finite_float.__name__ = float_or_infinity.__name__ = "float"
+
 
 class ArgumentParser(TrlParser):
-    """TRL's parser, reporting a bad command-line word as a UserError instead of a page of usage."""
+    """TRL's parser, reporting a bad command-line word as a UserError instead of a page of usage, and refusing
+    non-finite floats where they make no sense."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for action in self._actions:
+            if action.type is float:
+                action.type = float_or_infinity if action.dest in INFINITY_ALLOWED else finite_float
 
     def error(self, message):
         raise UserError(message)
@@ -37,10 +75,16 @@ class Parsed:
 def read_recipe_file(path: str) -> dict:
     """Load a recipe YAML safely, with one clear message for a missing file, a syntax error or an empty file."""
     recipe_path = Path(path)
-    if not recipe_path.is_file():
+    if not recipe_path.exists():
         raise UserError(f"recipe file not found: {path}")
+    if not recipe_path.is_file():
+        raise UserError(f"recipe {path} is not a regular file (a folder, a pipe or a device): give a YAML file")
     try:
         recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte {err.start}): give a YAML file") from None
+    except OSError as err:
+        raise UserError(f"cannot read recipe {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -58,6 +102,8 @@ def take_recipe(argv: list[str]) -> tuple[dict, list[str]]:
     args, recipe = [], {}
     for arg in argv:  # `--config=path` is `--config path`
         args += arg.split("=", 1) if arg.startswith("--config=") else [arg]
+    if args.count("--config") > 1:
+        raise UserError("--config is given twice: give one recipe, and override its keys with --flags")
     if "--config" in args:
         at = args.index("--config")
         if at + 1 >= len(args):
@@ -105,7 +151,9 @@ def _coerce_one(action, key: str, value):
         raise UserError(f"recipe key `{key}`: expected {expected}, got {value!r}")
     try:
         converted = action.type(str(value) if not isinstance(value, str) else value)
-    except (TypeError, ValueError, KeyError, argparse.ArgumentTypeError):
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"recipe key `{key}`: {err}") from None
+    except (TypeError, ValueError, KeyError):
         raise UserError(f"recipe key `{key}`: expected {expected}, got {value!r}") from None
     if action.choices is not None and converted not in action.choices:
         choices = ", ".join(str(plain(c)) for c in action.choices)
@@ -113,9 +161,39 @@ def _coerce_one(action, key: str, value):
     return converted
 
 
+def to_known_names(recipe: dict, cli_args: list[str], known) -> tuple[dict, list[str]]:
+    """The recipe and command line with each newer argument name the parser lacks spelled the older way it knows."""
+    renamed = {new: old for new, old in OLDER_NAMES.items() if new not in known and old in known}
+    recipe = {renamed.get(key, key): value for key, value in recipe.items()}
+    words = []
+    for word in cli_args:
+        name, equals, value = word[2:].partition("=")
+        older = renamed.get(name.replace("-", "_")) if word.startswith("--") else None
+        words.append(f"--{older}{equals}{value}" if older else word)
+    return recipe, words
+
+
 def flag_names(cli_args: list[str]) -> list[str]:
     """The option names on a command line, `-` spelled `_` as in the dataclass fields."""
     return [arg[2:].split("=", 1)[0].replace("-", "_") for arg in cli_args if arg.startswith("--")]
+
+
+def check_each_flag_once(flags: list[str], options: dict) -> None:
+    """Refuse an option given twice (`--lr 1 ... --lr 2`, or `--x` with `--no_x`): which one was meant is a guess."""
+    seen = {}
+    for flag in flags:
+        if options[flag] in seen:
+            also = f" (also as --{seen[options[flag]]})" if seen[options[flag]] != flag else ""
+            raise UserError(f"--{flag} is given twice{also}: give each option once")
+        seen[options[flag]] = flag
+
+
+def check_seeds(parsed: list) -> None:
+    """Every seed argument (`seed`, `data_seed`, ...) of every command is zero or more, as the RNGs need."""
+    for values in parsed:
+        for name, value in vars(values).items():
+            if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and value < 0:
+                raise UserError(f"`{name}` must be zero or more, got {value}")
 
 
 def invalid_value_message(err: ValueError) -> str:
@@ -123,7 +201,8 @@ def invalid_value_message(err: ValueError) -> str:
     if "support bf16" in message:
         return (
             "bf16 is on (TRL's default) but this machine has no bf16 support: set `bf16: false` in the recipe "
-            "or pass `--bf16 false`, and `--fp16 true` on a GPU without bf16"
+            "or pass `--bf16 false`, and `--fp16 true` on a GPU without bf16; to plan for a GPU from this machine, "
+            "`lccc-sft plan --gpu NAME` (`make plan GPU=NAME`: T4, L4, A10, 4090, A100, H100, H200)"
         )
     return message
 
@@ -146,6 +225,7 @@ def parse_arguments(
     from_file, args = take_recipe(list(argv))
     recipe = {**(recipe or {}), **from_file}
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    recipe, args = to_known_names(recipe, args, actions)
     # every spelling of an option (`--no_x` too) -> the field it sets
     options = {name[2:].replace("-", "_"): action.dest for action in parser._actions for name in action.option_strings}
     values = {}
@@ -160,11 +240,13 @@ def parse_arguments(
     for flag in flags:
         if flag not in options:
             raise UserError(f"unknown option `--{flag}`{did_you_mean(flag, options)}")
+    check_each_flag_once(flags, options)
     try:
         *parsed, unused = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     except ValueError as err:
         raise UserError(f"invalid value: {invalid_value_message(err)}") from None
     if unused:
         raise UserError(f"could not use these command-line words: {' '.join(unused)}")
+    check_seeds(parsed)
     chosen = list(dict.fromkeys([*(key for key in recipe if key in actions), *(options[flag] for flag in flags)]))
     return Parsed(values=tuple(parsed), chosen=chosen)

@@ -5,16 +5,24 @@ TRL's own `TrlParser`; on top of that every key and value is checked before anyt
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import yaml
 from trl import ModelConfig, SFTConfig
 
-from sft.common.arguments import parse_arguments, plain
+from sft.common.arguments import flag_names, parse_arguments, plain
 from sft.common.errors import UserError
-from sft.common.files import write_atomically
+from sft.common.files import check_not_inside, check_writable_folder, write_atomically
+
+# The training argument that turns activation checkpointing on: `activation_checkpointing` since transformers 5.23,
+# `gradient_checkpointing` before (sft/common/arguments.py reads a recipe's newer name as the older one there).
+CHECKPOINTING = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in {f.name for f in fields(SFTConfig)}
+)
 
 
 @dataclass
@@ -140,21 +148,33 @@ class RunArguments:
             "infinite, or whose loss is exactly 0, keeping the last good checkpoint; 0 turns the watch off."
         },
     )
+    gpu: str | None = field(
+        default=None,
+        metadata={
+            "help": "Plan for this GPU instead of this machine (with --dry_run): T4, L4, A10, 4090, A100-40GB, A100, "
+            "H100 or H200 (sft/train/gpus.py)"
+        },
+    )
 
 
 RECIPE_DATACLASSES = (DataArguments, SFTConfig, ModelConfig, RunArguments)
 SECRET_KEYS = {"hub_token"}
 # How to start, not what to train: left out of recipe.yaml so a rerun with or without them still resumes.
-RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint", "dry_run", "stop_after_bad_steps"}
+RUN_CONTROL_KEYS = {"overwrite_output_dir", "resume_from_checkpoint", "dry_run", "stop_after_bad_steps", "gpu"}
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, next to what a run trained
+RUN_SUMMARY = "run_summary.json"  # written last by a finished run; its `dtype` is the precision it trained in
 # Values no run can use: (part of the recipe, key, check, what is needed).
 VALUE_RULES = [
     ("training", "learning_rate", lambda v: v > 0, "a positive number"),
     ("training", "per_device_train_batch_size", lambda v: v >= 1, "at least 1"),
+    ("training", "per_device_eval_batch_size", lambda v: v >= 1, "at least 1"),
     ("training", "gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
     ("training", "num_train_epochs", lambda v: v > 0, "a positive number"),
     ("training", "max_length", lambda v: v is None or v >= 8, "at least 8 tokens"),
     ("training", "warmup_steps", lambda v: v >= 0, "zero or more"),
+    ("training", "save_steps", lambda v: v > 0, "a positive number (a share of the run when below 1)"),
+    ("training", "eval_steps", lambda v: v is None or v > 0, "a positive number (a share of the run when below 1)"),
+    ("training", "logging_steps", lambda v: v > 0, "a positive number (a share of the run when below 1)"),
     ("model", "lora_r", lambda v: v >= 1, "at least 1"),
     ("run", "stop_after_bad_steps", lambda v: v >= 0, "zero (off) or more"),
     ("model", "lora_alpha", lambda v: v > 0, "a positive number"),
@@ -193,6 +213,8 @@ def parse_recipe(argv: list[str]) -> Recipe:
     defaults = {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         defaults["use_cpu"] = True  # several processes and no GPU: train together on the CPU (gloo)
+    if "gpu" in flag_names(argv) and not torch.cuda.is_available():
+        defaults["use_cpu"] = True  # a plan for a named GPU made here: its bf16 is that GPU's (sft/train/gpus.py)
     parsed = parse_arguments(RECIPE_DATACLASSES, argv, defaults=defaults)
     data, training, model, run = parsed.values
     resolved = resolve_choices(parsed.chosen, parsed.values)
@@ -202,11 +224,53 @@ def parse_recipe(argv: list[str]) -> Recipe:
 
 
 def check_values(recipe: Recipe) -> None:
-    """Refuse values that parse but no run can use (a negative learning rate, `lora_r: 0`, ...)."""
+    """Refuse values that parse but no run can use (a negative learning rate, `lora_r: 0`, ...), and places a run
+    cannot write to, before anything is loaded."""
     for part, key, is_valid, needed in VALUE_RULES:
         value = getattr(getattr(recipe, part), key)
         if not is_valid(value):
             raise UserError(f"`{key}` must be {needed}, got {value!r}")
+    check_attention(recipe.model.attn_implementation)
+    check_trackers(recipe.training.report_to)
+    check_places(recipe)
+
+
+def check_attention(name: str | None) -> None:
+    """An attention implementation transformers knows (or a Hub kernel, `org/name`), else it fails after loading."""
+    from transformers import AttentionInterface
+
+    known = ["eager", *AttentionInterface().valid_keys()]
+    if name is not None and "/" not in name and name not in known:
+        raise UserError(f"unknown attn_implementation {name!r}: use one of {', '.join(known)}")
+
+
+def check_trackers(report_to: list[str] | str | None) -> None:
+    """Each tracker in `report_to` is one transformers knows and installed here (else the run fails after loading)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = [report_to] if isinstance(report_to, str) else report_to or []
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name in ("none", "all") or name in installed:
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"report_to: unknown tracker {name!r}; known: {', '.join(INTEGRATION_TO_CALLBACK)}")
+        raise UserError(f"report_to: {name} is not installed here; `pip install {name}` or leave it out of report_to")
+
+
+def check_places(recipe: Recipe) -> None:
+    """The output folder can be written and is not the base model's own folder; a checkpoint to resume exists."""
+    output_dir = recipe.training.output_dir
+    check_writable_folder(output_dir, "output_dir")
+    base = recipe.model.model_name_or_path
+    if base and Path(base).is_dir():
+        check_not_inside(output_dir, base, "output_dir", "the base model's folder (model_name_or_path)")
+    resume = recipe.training.resume_from_checkpoint
+    if resume and not Path(resume).is_dir():
+        raise UserError(f"resume_from_checkpoint {resume} is not a folder: give a checkpoint-* folder of a run")
 
 
 def save_resolved_recipe(recipe: Recipe, output_dir: str) -> Path:

@@ -3,6 +3,7 @@
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,36 @@ def write_atomically(path: str | Path, text: str) -> None:
             partial.unlink(missing_ok=True)
 
 
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """Before any work: refuse a folder that is a file, lies under a file or sits on storage that cannot be written.
+
+    Nothing is created: a scratch file is opened (and gone at once) in the folder or its nearest existing parent.
+    """
+    if not str(folder).strip():
+        raise UserError(f"{what} is empty: give a folder")
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it is" if existing == folder else f"{existing} is"
+        raise UserError(f"cannot use {what} {folder}: {where} a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot use {what} {folder}: {err.strerror or err}") from None
+
+
+def check_not_inside(output: str | Path, source: str | Path, output_what: str, source_what: str) -> None:
+    """Refuse an output folder that is `source` itself or lies inside it: writing there would change the source."""
+    output, source = Path(output).resolve(), Path(source).resolve()
+    if output == source or source in output.parents:
+        raise UserError(
+            f"{output_what} must lie outside {source_what} ({source}): writing there would change {source_what}"
+        )
+
+
 def free_bytes(folder: str | Path) -> int | None:
     """Free bytes on the file system holding `folder` (or its nearest existing parent), None if unknown."""
     folder = Path(folder).absolute()
@@ -39,8 +70,20 @@ def free_bytes(folder: str | Path) -> int | None:
         return None
 
 
+def refused_write(err: BaseException) -> str | None:
+    """The OS's reason when a write failed because the storage refuses it (read-only, no permission), else None."""
+    seen = err
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def is_disk_full(err: BaseException, folder: str | Path) -> bool:
     """ENOSPC anywhere in the exception's chain, or a failed write while `folder`'s file system is nearly full."""
+    if refused_write(err):
+        return False  # storage that refuses writes is not full, whatever space it shows
     seen = err
     while seen is not None:
         if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(seen):
@@ -67,7 +110,8 @@ def disk_full_message(folder: str | Path, advice: str) -> str:
 def reporting_full_disk(
     folder: str | Path, advice: str | Callable[[], str] = "free some space and run the same command again"
 ):
-    """Turn a write that failed for lack of space under `folder` into one `error:` line saying so.
+    """Turn a write that failed for lack of space (or on storage refusing writes) under `folder` into one `error:`
+    line saying so.
 
     `advice` says what to do next; a function computes it when the write fails (where a run can resume from).
     """
@@ -76,6 +120,8 @@ def reporting_full_disk(
     except UserError:
         raise
     except Exception as err:
+        if reason := refused_write(err):
+            raise UserError(f"cannot write to {folder}: {reason}") from None
         if not is_disk_full(err, folder):
             raise
         raise UserError(disk_full_message(folder, advice() if callable(advice) else advice)) from None

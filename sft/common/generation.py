@@ -94,13 +94,16 @@ def save_generation_config(folder, settings: GenerationArguments, tokenizer) -> 
 def load_generation_defaults(model_path, overrides: dict | None = None) -> GenerationArguments:
     """The generation settings saved with a run (its `generation_config.json`), `overrides` on top.
 
-    Settings the file leaves out keep `GenerationArguments`' defaults; a folder without the file gets them all.
-    Eval, chat and the server all start from here, so what was evaluated is what is served.
+    Settings the file leaves out keep `GenerationArguments`' defaults; a folder without the file gets them all; a
+    checkpoint inside a run gets the run's. Eval, chat and the server all start from here, so what was evaluated is
+    what is served.
     """
     from transformers import GenerationConfig
 
     saved = {}
     path = Path(model_path) / GENERATION_CONFIG
+    if not path.is_file() and Path(model_path).name.startswith("checkpoint-"):
+        path = Path(model_path).parent / GENERATION_CONFIG
     if path.is_file():
         try:
             config = GenerationConfig.from_pretrained(str(path.parent))

@@ -15,14 +15,35 @@ import torch
 from trl import ModelConfig
 
 from sft.common.arguments import parse_arguments, read_recipe_file
-from sft.common.config import RECIPE_FILE, DataArguments, training_default
+from sft.common.config import RECIPE_FILE, RUN_SUMMARY, DataArguments, training_default
 from sft.common.errors import LOG_FORMAT, UserError
 from sft.common.generation import GenerationArguments, chosen_settings, load_generation_defaults
+from sft.common.model import NATIVE_BF16_CAPABILITY
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 MERGE_INFO = "merge_info.json"
+SELECTION = Path("selection") / "selection.json"  # what `lccc-sft select` chose, inside the run folder
+CHECKPOINT_HELP = "A checkpoint of the run: checkpoint-N, final, or selected (the one `lccc-sft select` chose)."
+
+
+def checkpoint_path(model_path: str, checkpoint: str | None) -> str:
+    """The folder of one checkpoint of a run: `checkpoint-N`, `final` (the run folder itself) or `selected`."""
+    if checkpoint in (None, "final"):
+        return model_path
+    if checkpoint == "selected":
+        selection = Path(model_path) / SELECTION
+        if not selection.is_file():
+            raise UserError(f"{model_path} has no {SELECTION}: run `lccc-sft select --model_path {model_path}` first")
+        checkpoint = json.loads(selection.read_text(encoding="utf-8"))["selected"]
+        if checkpoint is None:
+            raise UserError(f"{selection}: no checkpoint met the forgetting budget; see selection.md beside it")
+        return checkpoint_path(model_path, checkpoint)
+    path = Path(model_path) / checkpoint
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"--checkpoint {checkpoint}: {path} holds no adapter (adapter_config.json)")
+    return str(path)
 
 
 @dataclass
@@ -37,11 +58,55 @@ class TrainedModelArguments:
         default=False, metadata={"help": "Load the base unquantized instead of 4-bit as in training."}
     )
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu (default: cuda when available)."})
+    checkpoint: str | None = field(default=None, metadata={"help": CHECKPOINT_HELP})
+
+    def __post_init__(self):
+        self.model_path = checkpoint_path(self.model_path, self.checkpoint)
+        check_device(self.device)
 
     @property
     def quantize(self) -> bool | None:
         """None follows the recipe (4-bit when training was); False loads the base unquantized."""
         return False if self.no_quantize else None
+
+
+def check_device(device: str | None) -> None:
+    """A device this machine has: `cuda` without a GPU (or `cuda:3` on a two-GPU machine) fails before loading."""
+    if device is None:
+        return
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: use cpu, cuda or cuda:N") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU (use --device cpu)")
+    if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+def read_json(path: Path) -> dict:
+    """A small JSON file of a run (adapter_config.json, merge_info.json), or one line saying it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path} cannot be read ({str(err).splitlines()[0]}): it is damaged or not JSON") from None
+
+
+def check_adapter_weights(path: Path) -> None:
+    """The adapter's weights read back whole (the safetensors header describes the file's bytes), before any
+    model is loaded: a truncated copy is named here, not deep inside peft."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        if not (path / "adapter_model.bin").is_file():
+            raise UserError(f"{path} has adapter_config.json but no adapter weights (adapter_model.safetensors)")
+        return
+    try:
+        with safe_open(weights, "pt") as opened:
+            opened.keys()
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{weights} is damaged ({str(err).splitlines()[0]}); copy or train the run again") from None
 
 
 def resolve_local(name: str | None) -> str | None:
@@ -130,13 +195,19 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
         recipe_path = path.parent / RECIPE_FILE  # a checkpoint inside a run's output folder
     recipe = read_recipe_file(str(recipe_path)) if recipe_path.is_file() else {}
 
+    if is_adapter:
+        adapter_config = read_json(path / "adapter_config.json")
+        check_adapter_weights(path)
     if base_model is None and is_adapter:
-        adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         base_model = adapter_config.get("base_model_name_or_path") or recipe.get("model_name_or_path")
     elif base_model is None and (path / MERGE_INFO).is_file():
-        base_model = json.loads((path / MERGE_INFO).read_text(encoding="utf-8")).get("base_model")
+        base_model = read_json(path / MERGE_INFO).get("base_model")
     if is_adapter and not base_model:
         raise UserError(f"{model_path}/adapter_config.json names no base model; give it with --base_model")
+    if is_adapter:
+        from sft.common.model import check_model_source
+
+        check_model_source(resolve_local(base_model))
 
     data = None
     if recipe.get("dataset_name") or recipe.get("datasets"):
@@ -144,7 +215,8 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
         data.dataset_name = resolve_local(data.dataset_name)
         for source in data.datasets or []:  # a mixture's sources
             source["path"] = resolve_local(source["path"])
-    model_values = {**recipe, "model_name_or_path": resolve_local(base_model) if base_model else str(path)}
+    model_name = resolve_local(base_model) if base_model else str(path)
+    model_values = {**recipe, **trained_precision(path), "model_name_or_path": model_name}
     model_args = recipe_part(ModelConfig, model_values, recipe_path)
     return Run(
         model_path=path,
@@ -157,6 +229,23 @@ def read_run(model_path: str, base_model: str | None = None) -> Run:
         max_length=int(recipe.get("max_length") or training_default("max_length")),
         trust_remote_code=bool(recipe.get("trust_remote_code", False)),
     )
+
+
+def trained_precision(path: Path) -> dict:
+    """`{"dtype": ...}` as the run trained (the launcher may have changed the recipe's: fp16 on a T4), if known."""
+    summary_path = path / RUN_SUMMARY
+    if not summary_path.is_file() and path.name.startswith("checkpoint-"):
+        summary_path = path.parent / RUN_SUMMARY
+    dtype = json.loads(summary_path.read_text(encoding="utf-8")).get("dtype") if summary_path.is_file() else None
+    return {"dtype": dtype} if dtype else {}
+
+
+def without_emulated_bf16(dtype, device: str):
+    """fp16 in place of bf16 on a GPU that only emulates bf16 (compute capability below 8.0: T4, V100), as
+    training there does (sft/train/plan.py); any other dtype or device as it is."""
+    if dtype != torch.bfloat16 or not device.startswith("cuda"):
+        return dtype
+    return dtype if torch.cuda.get_device_capability(torch.device(device)) >= NATIVE_BF16_CAPABILITY else torch.float16
 
 
 def start_command_logging() -> None:
@@ -191,7 +280,7 @@ def load_base(run: Run, quantize: bool, device: str, dtype=None):
 
     name = run.model_args.model_name_or_path
     check_model_source(name)
-    dtype = torch_dtype(dtype if dtype is not None else run.model_args.dtype)
+    dtype = without_emulated_bf16(torch_dtype(dtype if dtype is not None else run.model_args.dtype), device)
     quantization_config = get_quantization_config(run.model_args) if quantize else None
     how = "4-bit" if quantization_config and run.model_args.load_in_4bit else "8-bit" if quantization_config else ""
     logger.info("loading base model %s (%s) on %s", name, f"{how} {str(dtype).removeprefix('torch.')}".strip(), device)
@@ -243,8 +332,12 @@ def quantization_label(run: Run, quantize: bool | None) -> str:
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The chat template up to where the assistant's reply starts (Llama-2: ends with `[/INST]`)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The chat template up to where the assistant's reply starts (Llama-2: ends with `[/INST]`).
+
+    Hybrid-thinking templates (Qwen3) render in non-thinking mode, with the empty think block training left out of
+    the loss: what is served is what was trained. Other templates ignore `enable_thinking`.
+    """
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
 def encode_prompt(tokenizer, prompt: str | list[str], **kwargs):

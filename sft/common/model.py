@@ -6,13 +6,24 @@ from pathlib import Path
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from transformers import AutoTokenizer
 from trl import ModelConfig, SFTConfig
+from trl.chat_template_utils import has_generation_markers
 
 from sft.common.errors import UserError
 from sft.common.template import training_chat_template
 
 logger = logging.getLogger(__name__)
 # where `make tiny-model` builds the smoke models, by family (`python -m sft.tiny --family ...`)
-TINY_MODEL_DIRS = {"llama": "build/tiny-llama", "qwen2_5": "build/tiny-qwen2_5", "llama3": "build/tiny-llama3"}
+# Compute capability from which a GPU computes in bf16 natively (Ampere); below it (T4, V100) bf16 is only emulated,
+# slowly, so training, merging, evaluation and chat use fp16 there.
+NATIVE_BF16_CAPABILITY = (8, 0)
+TINY_MODEL_DIRS = {
+    "llama": "build/tiny-llama",
+    "qwen2_5": "build/tiny-qwen2_5",
+    "llama3": "build/tiny-llama3",
+    "qwen3": "build/tiny-qwen3",
+    "glm4": "build/tiny-glm4",
+    "r1_distill": "build/tiny-r1_distill",
+}
 
 
 def check_model_source(name: str | None) -> None:
@@ -21,12 +32,25 @@ def check_model_source(name: str | None) -> None:
         raise UserError("no model given: set `model_name_or_path` in the recipe")
     path = Path(name)
     if path.is_dir():
+        check_model_folder(path)
         return
     meant_local = name.startswith((".", "/", "~")) or path.exists() or Path(path.parts[0]).is_dir()
     if name in TINY_MODEL_DIRS.values():
         raise UserError(f"the smoke model {name} is not built yet: run `make tiny-model` (or `make sft`)")
     if meant_local or name.count("/") != 1:
         raise UserError(f"model {name!r} is neither a local folder nor a Hub id like `org/name`")
+
+
+def check_model_folder(path: Path) -> None:
+    """A local base model holds `config.json`; an empty folder or a training run's adapter is named as such."""
+    if (path / "config.json").is_file():
+        return
+    if (path / "adapter_config.json").is_file():
+        raise UserError(
+            f"{path} is a training run (a LoRA adapter), not a base model: give the base it was trained from (its "
+            "adapter_config.json names it), or merge the run first with `lccc-sft merge`"
+        )
+    raise UserError(f"{path} holds no model (no config.json): give a model folder or a Hub id like `org/name`")
 
 
 def hub_error_message(name: str, err: OSError) -> str:
@@ -50,20 +74,25 @@ def load_tokenizer(
     chat_template_path: str | None = None,
     need_reply_markers: bool = True,
 ):
-    """A model's or run's tokenizer, with a chat template whose assistant replies carry `{% generation %}` markers.
-
-    Training needs the markers (loss on the replies only); generating does not, so with `need_reply_markers` off a
-    template TRL cannot mark stays as it is. The pad token falls back to the end-of-sequence token, as in TRL.
+    """A model's or run's tokenizer, with a chat template whose assistant replies carry `{% generation %}` markers
+    where we or TRL have a training form of it; any other template stays as it is, and its reply spans are derived
+    from it (`derived_reply_mask`). The pad token falls back to the end-of-sequence token, as in TRL.
+    The model's own template stays at hand as `official_chat_template`, for the label audit to compare against.
+    With `need_reply_markers` off (generating), a `chat_template_path` that is not a file is ignored.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise UserError(hub_error_message(name, err)) from None
+    official = tokenizer.chat_template
+    tokenizer.official_chat_template = official.get("default") if isinstance(official, dict) else official
     try:
         tokenizer.chat_template = training_chat_template(tokenizer, chat_template_path)
     except UserError:
         if need_reply_markers or not tokenizer.chat_template:
             raise
+    if not has_generation_markers(tokenizer.chat_template):  # trained as it is (derived spans): it is the official
+        tokenizer.official_chat_template = tokenizer.chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

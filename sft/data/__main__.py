@@ -61,9 +61,10 @@ def parse_prepare_command(argv: list[str]) -> tuple[DataArguments, PrepareArgume
 
 def add_token_statistics(folder: Path, command: PrepareArguments) -> None:
     """Measure the prepared samples with the model's tokenizer and training template, into `stats.json`."""
-    from sft.common.model import load_tokenizer
+    from sft.common.model import check_model_source, load_tokenizer
 
     try:
+        check_model_source(command.model_name_or_path)
         tokenizer = load_tokenizer(
             command.model_name_or_path,
             revision=command.model_revision,

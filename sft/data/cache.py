@@ -15,7 +15,7 @@ from datasets import Dataset, DatasetDict
 from filelock import FileLock
 
 from sft.common.config import DataArguments
-from sft.common.files import reporting_full_disk
+from sft.common.files import check_writable_folder, reporting_full_disk
 from sft.data.pipeline import prepare
 from sft.data.records import SPLITS
 from sft.data.sources import LCCC_HUB_ID, PARQUET_REVISION, locate_source, with_lccc_names
@@ -88,6 +88,7 @@ def is_readable(folder: Path) -> bool:
 def build_once(folder: Path, what: str, build: Callable[[Path, Path], None]) -> Path:
     """`folder`, complete: reused when it has `stats.json` and reads back whole, else built by `build(work, out)`
     and moved in place."""
+    check_writable_folder(folder.parent, "processed_dir")
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{folder}.lock"):  # one process prepares, the others (other ranks, other runs) wait and reuse
         if (folder / STATS_FILE).is_file() and is_readable(folder):

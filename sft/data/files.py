@@ -6,6 +6,7 @@ import json
 import zlib
 from pathlib import Path
 
+import pyarrow as pa
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 
@@ -50,12 +51,12 @@ def open_text(path: Path):
     return opener(path, "rt", encoding="utf-8-sig")
 
 
-UNREADABLE = (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error)
+UNREADABLE = (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error, pa.ArrowException)
 
 
 @contextlib.contextmanager
 def unreadable_as_user_error(path: Path):
-    """Turn text that is not UTF-8 or a broken gzip stream into one clear message."""
+    """Turn text that is not UTF-8, a broken gzip stream or a damaged parquet file into one clear message."""
     try:
         yield
     except DatasetGenerationError as err:
@@ -67,8 +68,11 @@ def unreadable_as_user_error(path: Path):
 
 
 def unreadable(path: Path, err: Exception) -> str:
-    what = "UTF-8 text" if isinstance(err, UnicodeDecodeError) else "a complete gzip file"
-    return f"{path} is not {what} ({err})"
+    if isinstance(err, pa.ArrowException):
+        what = "a readable parquet file"
+    else:
+        what = "UTF-8 text" if isinstance(err, UnicodeDecodeError) else "a complete gzip file"
+    return f"{path} is not {what} ({str(err).splitlines()[0]})"
 
 
 def sniff_json(path: Path) -> str:
@@ -78,7 +82,7 @@ def sniff_json(path: Path) -> str:
     if not head:
         raise UserError(f"{path} is empty")
     first_line, _, rest = head.partition("\n")
-    with contextlib.suppress(json.JSONDecodeError):
+    with contextlib.suppress(json.JSONDecodeError, RecursionError):  # a line nested too deep is judged below
         json.loads(first_line)
         if rest.strip():
             return "jsonl"

@@ -79,6 +79,8 @@ class JsonReader:
             except json.JSONDecodeError as err:
                 if len(self.text) - self.pos > JSON_MAX_VALUE_CHARS or not self._more():
                     self.fail(err.msg, err.pos)
+            except RecursionError:
+                self.fail("a value is nested too deeply to read")
         self.pos = end
         return value
 

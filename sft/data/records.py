@@ -40,6 +40,8 @@ def parse_record(raw, record_format: str):
             return json.loads(raw.lstrip("\ufeff"))
         except json.JSONDecodeError as err:
             raise MalformedRecord(f"not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise MalformedRecord("nested too deeply to read") from None
     if record_format == "tsv":
         return raw.lstrip("\ufeff").split("\t")
     if raw is None:

@@ -10,7 +10,7 @@ from datasets.exceptions import DatasetNotFoundError
 
 from sft.common.config import DataArguments
 from sft.common.errors import UserError
-from sft.data.files import data_suffix, file_kind, read_lines
+from sft.data.files import data_suffix, file_kind, read_lines, unreadable_as_user_error
 from sft.data.formats import ALPACA_FIELDS
 from sft.data.json_stream import read_json_document
 from sft.data.records import CHAT_FIELD, DIALOGUE_FIELDS, SPLIT_NAMES, Source
@@ -91,7 +91,8 @@ def read_typed(args: DataArguments, kind: str, path: Path | None, work: Path) ->
     if kind == "hub":
         loaded = load_hub(args)
     else:
-        loaded = {"train": load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(work))}
+        with unreadable_as_user_error(path):
+            loaded = {"train": load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(work))}
     splits = {}
     for split, ds in loaded.items():
         if split in SPLIT_NAMES:

@@ -9,6 +9,7 @@ from datasets import Dataset
 from trl.data_utils import common_prefix_length
 
 from sft.common.files import write_atomically
+from sft.common.template import reply_masked_tokens
 from sft.data.pipeline import subset
 
 STATS_FILE = "stats.json"
@@ -49,9 +50,7 @@ def token_counts(sample: dict, tokenizer) -> tuple[int, int, int, int]:
     conversation = sample.get("messages") or sample["prompt"] + sample["completion"]
     texts = [message["content"] for message in conversation]
     text_tokens = sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))
-    encoded = tokenizer.apply_chat_template(
-        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+    encoded = reply_masked_tokens(tokenizer, conversation)
     ids, supervised = encoded["input_ids"], encoded["assistant_masks"]
     start = 0
     if sample.get("prompt"):  # per_turn: only the completion is a target, as in TRL's prompt/completion loss

@@ -48,9 +48,18 @@ def cut_at_end_of_turn(row: list[int], end_of_turn: int) -> tuple[list[int], boo
 
 @torch.no_grad()
 def generate_replies(
-    model, tokenizer, contexts: list[list[dict]], generation: GenerationArguments, batch_size: int, sample: bool
+    model,
+    tokenizer,
+    contexts: list[list[dict]],
+    generation: GenerationArguments,
+    batch_size: int,
+    sample: bool,
+    progress: bool = False,
 ) -> Generated:
-    """Replies for each context, in length-sorted left-padded batches; sampling seeded with `generation.seed`."""
+    """Replies for each context, in length-sorted left-padded batches; sampling seeded with `generation.seed`.
+
+    `progress` shows a bar of the replies done (long runs such as mining pairs)."""
+    from tqdm.auto import tqdm
     from transformers import set_seed
 
     device = next(model.parameters()).device
@@ -61,6 +70,7 @@ def generate_replies(
     replies: list[Reply | None] = [None] * len(prompts)
     set_seed(generation.seed)
     start = time.perf_counter()
+    bar = tqdm(total=len(order), desc="generating", unit="reply", disable=not progress)
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]
         batch = tokenizer.pad({"input_ids": [prompts[i] for i in rows]}, return_tensors="pt").to(device)
@@ -69,4 +79,6 @@ def generate_replies(
             tokens, stopped = cut_at_end_of_turn(generated, tokenizer.eos_token_id)
             text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             replies[i] = Reply(text=text, tokens=len(tokens), stopped=stopped)
+        bar.update(len(rows))
+    bar.close()
     return Generated(replies=replies, seconds=time.perf_counter() - start)

@@ -1,12 +1,15 @@
 """Evaluate a trained adapter on the held-out LCCC test split, optionally side by side with its base model.
 
 lccc-sft eval --model_path output/smoke [--compare_base] [--num_samples 100] [--knowledge cmmlu]
+lccc-sft eval --model_path output/smoke-dpo --compare_base --compare_runs output/smoke   (base vs SFT vs DPO)
 python sft/evaluate.py --model_path ./output/llama2-7b-chat-lccc
 
 Measures perplexity over the assistant reply tokens only (the training loss masking), generates replies for test
 contexts greedily and with the run's sampling settings (its `generation_config.json`; by default the LCCC paper's
 nucleus sampling, p=0.9, temperature 0.7, seeded), scores them with the paper's automatic metrics (character-level
-BLEU-2/BLEU-4, Distinct-1/2, average length) and with how often replies never stop or loop, times the generation,
+BLEU-2/BLEU-4, Distinct-1/2, average length), with how often replies never stop or loop and with the Chinese chat
+diagnostics (generic replies, drift, echoes, self-repetition), times the generation, evaluates other runs
+(`--compare_runs`) the same way,
 optionally checks multiple-choice knowledge through lm-eval, and writes `eval_report.json`, `eval_report.md` and
 `loss_curves.png`.
 """
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft.common.errors import UserError, exits_cleanly_on_user_error
-from sft.common.files import write_atomically
+from sft.common.files import check_writable_folder, write_atomically
 from sft.common.generation import (
     GenerationArguments,
     save_generation_config,
@@ -35,6 +38,7 @@ from sft.common.inference import (
     start_command_logging,
 )
 from sft.evaluation.batch_generation import generate_replies
+from sft.evaluation.diagnostics import DiagnosticInputs, diagnose, diagnostic_inputs
 from sft.evaluation.held_out import held_out_conversations, reply_perplexity
 from sft.evaluation.metrics import score_replies
 from sft.evaluation.report import DECODINGS, markdown_report, metrics_table, plot_loss_curves
@@ -55,9 +59,11 @@ def evaluate_model(
     settings: dict,
     generation: GenerationArguments,
     label: str,
+    diagnostic_inputs: DiagnosticInputs,
     engine=None,
 ) -> dict:
-    """Perplexity, then replies decoded both ways with their metrics, speed and per-reply loop values.
+    """Perplexity, then replies decoded both ways with their metrics, speed and per-reply loop values, and the
+    diagnostics of the headline decoding's replies with their worst examples.
 
     `engine` (a `VllmReplies`) generates instead of `model`: with the adapter for the fine-tuned label only.
     """
@@ -65,16 +71,20 @@ def evaluate_model(
     perplexity = reply_perplexity(
         model, tokenizer, conversations, settings["max_length"], settings["batch_size"], settings["last_reply_only"]
     )
+
+    def generate(contexts: list[list[dict]], sample: bool = True):
+        if engine:
+            return engine.generate(tokenizer, contexts, generation, sample, adapter=label == "fine-tuned")
+        return generate_replies(model, tokenizer, contexts, generation, settings["batch_size"], sample)
+
     replies, scores, worst = {}, {}, []
     for decoding in DECODINGS:
         logger.info("%s: generating %d replies (%s)", label, len(contexts), decoding)
         sample = decoding == "sampling"
-        if engine:
-            generated = engine.generate(tokenizer, contexts, generation, sample, adapter=label == "fine-tuned")
-        else:
-            generated = generate_replies(model, tokenizer, contexts, generation, settings["batch_size"], sample)
+        generated = generate(contexts, sample)
         texts = [reply.text for reply in generated.replies]
-        metrics, per_reply = score_replies(texts, references, [reply.stopped for reply in generated.replies])
+        stopped = [reply.stopped for reply in generated.replies]
+        metrics, per_reply = score_replies(texts, references, stopped)
         scores[decoding] = {**metrics, **generated.speed}
         replies[decoding] = texts
         for context, reply, loops, rate in zip(
@@ -85,8 +95,21 @@ def evaluate_model(
                     {"model": label, "decoding": decoding, "context": context, "reply": reply.text, "loops": loops}
                     | {"stopped": reply.stopped, "tokens": reply.tokens, "repeated_ngram_rate": rate}
                 )
-    metrics = {"perplexity": perplexity.pop("perplexity"), **scores[HEADLINE_DECODING], **perplexity, **scores}
-    return {"metrics": metrics, "replies": replies, "worst": worst}
+    logger.info("%s: diagnostics of the %s replies", label, HEADLINE_DECODING)
+    diagnostics, examples = diagnose(
+        lambda more: [reply.text for reply in generate(more).replies],
+        contexts,
+        replies[HEADLINE_DECODING],
+        diagnostic_inputs,
+    )
+    metrics = {
+        "perplexity": perplexity.pop("perplexity"),
+        **scores[HEADLINE_DECODING],
+        **diagnostics,
+        **perplexity,
+        **scores,
+    }
+    return {"metrics": metrics, "replies": replies, "worst": worst, "diagnostic_examples": examples}
 
 
 def most_repetitive(worst: list[dict]) -> list[dict]:
@@ -106,6 +129,14 @@ class EvalArguments:
         default=None, metadata={"help": "Where the report goes (default: the model folder)."}
     )
     compare_base: bool = field(default=False, metadata={"help": "Also evaluate the base model, side by side."})
+    compare_runs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Also evaluate these trained runs (e.g. the SFT run a DPO run continued) on the same contexts "
+            "with the same settings, side by side.",
+            "nargs": "+",
+        },
+    )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Evaluate on this LCCC file or Hub id instead of the recipe's data."}
     )
@@ -116,6 +147,12 @@ class EvalArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "Conversations per forward pass or generate call."})
     num_examples: int = field(default=5, metadata={"help": "Example (and worst) replies shown in eval_report.md."})
+    generic_top_k: int = field(
+        default=20, metadata={"help": "The training data's this many most frequent replies count as generic."}
+    )
+    num_dialogues: int = field(
+        default=20, metadata={"help": "Multi-turn test dialogues answered turn by turn (cross-turn self-repetition)."}
+    )
     knowledge: list[str] | None = field(
         default=None,
         metadata={"help": "lm-eval tasks to score base and fine-tuned on (cmmlu, ceval-valid, ...).", "nargs": "+"},
@@ -134,10 +171,13 @@ class EvalArguments:
     )
 
     def __post_init__(self):
-        if self.num_samples < 0 or self.num_examples < 0:
-            raise UserError("--num_samples and --num_examples must be at least 0")
+        if min(self.num_samples, self.num_examples, self.num_dialogues, self.generic_top_k) < 0:
+            raise UserError("--num_samples, --num_examples, --num_dialogues and --generic_top_k must be at least 0")
         if self.batch_size < 1:
             raise UserError("--batch_size must be positive")
+        for name in ("max_ppl_samples", "knowledge_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1 (leave it out for all), got {getattr(self, name)}")
 
 
 def parse_args(argv: list[str]) -> tuple[TrainedModelArguments, EvalArguments, GenerationArguments]:
@@ -147,6 +187,10 @@ def parse_args(argv: list[str]) -> tuple[TrainedModelArguments, EvalArguments, G
 
 def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: GenerationArguments) -> dict:
     run = read_run(where.model_path, where.base_model)
+    output_dir = Path(args.output_dir or run.model_path)
+    check_writable_folder(output_dir, "--output_dir" if args.output_dir else "the report's folder (the model folder)")
+    if args.save_generation_config:
+        check_writable_folder(run.model_path, "the model folder (--save_generation_config)")
     if (args.compare_base or args.knowledge) and not run.base_model:
         raise UserError(f"{where.model_path} does not say which base it came from; give --base_model")
     conversations, last_reply_only, dataset_name, by_source = held_out_conversations(run, args)
@@ -174,6 +218,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
         "loop": "a character 4-gram occurring 3 or more times in a reply (whitespace left out, overlaps counted)",
         "never_stopped": "the reply ran into max_new_tokens without the end-of-turn token",
     }
+    inputs = diagnostic_inputs(run, conversations, args.num_dialogues, args.generic_top_k, args.num_examples)
     if args.knowledge:
         from sft.evaluation.knowledge import accuracy, compare, task_manager
 
@@ -185,11 +230,13 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
             raise UserError("--backend vllm compares with the base for adapters only; evaluate the adapter folder")
         from sft.evaluation.vllm_generation import VllmReplies
 
+        if args.compare_runs:
+            raise UserError("--compare_runs generates with transformers; leave out --backend vllm")
         engine = VllmReplies(run, generation.seed)
 
-    def evaluated(model, label: str) -> tuple[dict, dict | None]:
+    def evaluated(model, label: str, tokenizer) -> tuple[dict, dict | None]:
         result = evaluate_model(
-            model, tokenizer, ppl_conversations, contexts, references, settings, generation, label, engine
+            model, tokenizer, ppl_conversations, contexts, references, settings, generation, label, inputs, engine
         )
         if not args.knowledge:
             return result, None
@@ -198,7 +245,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
 
     tokenizer = run.load_tokenizer(reply_mask=True)
     model = load_model(run, quantize=quantize, device=device)
-    tuned, tuned_knowledge = evaluated(model, "fine-tuned")
+    tuned, tuned_knowledge = evaluated(model, "fine-tuned", tokenizer)
     if by_source:  # a mixture: each source's replies on their own
         tuned["metrics"]["perplexity_by_source"] = {
             label: reply_perplexity(
@@ -210,10 +257,19 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
     if args.compare_base or args.knowledge:
         if run.is_adapter:
             with model.disable_adapter():
-                base, base_knowledge = evaluated(model, "base")
+                base, base_knowledge = evaluated(model, "base", tokenizer)
         else:  # a merged model: load the base it came from, unquantized like the merged weights
-            del model
-            base, base_knowledge = evaluated(load_base(run, quantize=False, device=device).eval(), "base")
+            model = None
+            base, base_knowledge = evaluated(load_base(run, quantize=False, device=device).eval(), "base", tokenizer)
+    model = None  # one model in memory at a time
+    compared = {}
+    for path in args.compare_runs or []:
+        other = read_run(path)
+        compared[path] = evaluate_model(
+            load_model(other, quantize=quantize, device=device),
+            other.load_tokenizer(reply_mask=True),
+            *(ppl_conversations, contexts, references, settings, generation, path, inputs),
+        )
 
     samples = []
     for i, (context, reference) in enumerate(zip(contexts, references, strict=True)):
@@ -221,9 +277,10 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
         sample.update(greedy=tuned["replies"]["greedy"][i], sampled=tuned["replies"]["sampling"][i])
         if base:
             sample.update(base_greedy=base["replies"]["greedy"][i], base_sampled=base["replies"]["sampling"][i])
+        if compared:
+            sample["runs"] = {path: result["replies"]["greedy"][i] for path, result in compared.items()}
         samples.append(sample)
 
-    output_dir = Path(args.output_dir or run.model_path)
     output_dir.mkdir(parents=True, exist_ok=True)
     curves = plot_loss_curves(run.model_path / "trainer_state.json", output_dir / "loss_curves.png")
     report = {
@@ -231,10 +288,20 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
         "base_model": run.base_model,
         **tuned["metrics"],
         "base": base["metrics"] if base else None,
+        "runs": {path: result["metrics"] for path, result in compared.items()} or None,
         "knowledge": None,
         "settings": settings,
         "loss_curves": str(curves) if curves else None,
-        "worst": most_repetitive(tuned["worst"] + (base["worst"] if base else [])),
+        "worst": most_repetitive(
+            tuned["worst"] + (base["worst"] if base else []) + [w for r in compared.values() for w in r["worst"]]
+        ),
+        "diagnostics": {
+            "generic_replies": inputs.generic,
+            "dialogues": len(inputs.dialogues),
+            "system_prompt": inputs.system_prompt,
+            "examples": {"fine-tuned": tuned["diagnostic_examples"]}
+            | ({"base": base["diagnostic_examples"]} if base else {}),
+        },
         "samples": samples,
     }
     if args.knowledge:
@@ -243,7 +310,7 @@ def evaluate(where: TrainedModelArguments, args: EvalArguments, generation: Gene
             "limit": args.knowledge_limit,
             "accuracy": compare(tuned_knowledge, base_knowledge),
         }
-    for key in ("base", "knowledge"):
+    for key in ("base", "runs", "knowledge"):
         if report[key] is None:
             del report[key]
     write_atomically(output_dir / "eval_report.json", json.dumps(report, ensure_ascii=False, indent=2))

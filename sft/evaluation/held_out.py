@@ -7,6 +7,7 @@ import torch
 
 from sft.common.errors import UserError
 from sft.common.inference import encode_prompt, render_prompt
+from sft.common.template import reply_masked_tokens
 
 
 @torch.no_grad()
@@ -20,10 +21,7 @@ def reply_perplexity(
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(conversations), batch_size):
-        encoded = [
-            tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
-            for messages in conversations[start : start + batch_size]
-        ]
+        encoded = [reply_masked_tokens(tokenizer, messages) for messages in conversations[start : start + batch_size]]
         ids = [e["input_ids"][:max_length] for e in encoded]
         masks = [e["assistant_masks"][:max_length] for e in encoded]
         if last_reply_only:

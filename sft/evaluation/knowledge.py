@@ -16,7 +16,7 @@ def task_manager(tasks: list[str], tasks_dir: str | None):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError('--knowledge needs lm-eval: pip install -e ".[eval]"') from None
+        raise UserError('--knowledge needs lm-eval: pip install -e ".[knowledge]"') from None
     manager = TaskManager(include_path=tasks_dir, include_defaults=False) if tasks_dir else TaskManager()
     unknown = [task for task in tasks if not manager.match_tasks([task])]
     if unknown:

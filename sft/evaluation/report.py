@@ -1,8 +1,11 @@
-"""The evaluation report: metric tables, the worst replies (loops, no stop), examples and loss curves."""
+"""The evaluation report: metric tables, the worst replies (loops, no stop), the Chinese chat diagnostics with their
+worst examples, examples and loss curves."""
 
 import json
 import logging
 from pathlib import Path
+
+from sft.evaluation.diagnostics import DIAGNOSTICS, ECHO_THRESHOLD, PROBE_MAX_CHARS, REPEAT_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -15,6 +18,7 @@ METRIC_NAMES = {
     "avg_len": "avg reply length (chars)",
     "no_stop_rate": "never stopped (share)",
     "loop_rate": "loops (share)",
+    "generic_rate": "generic replies (share)",
     "repeated_ngram_rate": "repeated 4-gram rate (mean)",
     "replies_per_s": "replies/s",
     "tokens_per_s": "generated tokens/s",
@@ -24,8 +28,19 @@ DEFINITIONS = (
     "BLEU is sacrebleu's corpus BLEU at character level (0-100); Distinct-n is distinct/all character n-grams over "
     "all replies. A reply *never stopped* when it ran into max_new_tokens without the end-of-turn token; it *loops* "
     "when one character 4-gram occurs 3 or more times in it (whitespace left out, overlaps counted); its repeated "
-    "4-gram rate is 1 - distinct/all of its character 4-grams. The headline metrics in `eval_report.json` are "
+    "4-gram rate is 1 - distinct/all of its character 4-grams; it is *generic* when it is one of the most frequent "
+    "replies of the training data. The headline metrics in `eval_report.json` are "
     "those of the sampled replies, as in the LCCC paper."
+)
+DIAGNOSTIC_DEFINITIONS = (
+    "The diagnostics score the sampled replies. A reply is *generic* when it is one of the training data's most "
+    "frequent replies (listed below); *Latin-script drift* is the share of Latin characters in the replies whose "
+    "context has none, *traditional-character drift* the share of characters OpenCC's traditional-to-simplified "
+    "table changes, in the replies whose context has none; a reply *echoes* when more than "
+    f"{ECHO_THRESHOLD:.0%} of its characters copy the last user turn; in multi-turn test dialogues answered turn by "
+    "turn, a reply *repeats itself* when its similarity to an earlier reply of the same dialogue is at least "
+    f"{REPEAT_THRESHOLD}; a *system-prompt probe is kept* when the reply is simplified Chinese (no Latin letter, no "
+    f"traditional-only character) of at most {PROBE_MAX_CHARS} characters."
 )
 
 
@@ -34,11 +49,12 @@ def format_value(key: str, value: float) -> str:
 
 
 def metric_rows(report: dict) -> list[list[str]]:
-    """One row per metric and decoding: name, fine-tuned value, and the base value when compared."""
+    """One row per metric and decoding: name, fine-tuned value, then the base's and other runs' when compared."""
     rows = [("perplexity (replies)", "perplexity", None)]
+    rows += [(f"{name}, {DECODINGS[0]}", key, None) for key, name in DIAGNOSTICS.items()]
     for decoding in DECODINGS:
         rows += [(f"{name}, {decoding}", key, decoding) for key, name in METRIC_NAMES.items()]
-    blocks = [report, report["base"]] if report.get("base") else [report]
+    blocks = [report, *([report["base"]] if report.get("base") else []), *(report.get("runs") or {}).values()]
     return [
         [name, *(format_value(key, (block if decoding is None else block[decoding])[key]) for block in blocks)]
         for name, key, decoding in rows
@@ -52,7 +68,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def metrics_table(report: dict) -> str:
-    header = ["metric", "fine-tuned", "base"] if report.get("base") else ["metric", "value"]
+    others = ["base"] * bool(report.get("base")) + list(report.get("runs") or {})
+    header = ["metric", "fine-tuned", *others] if others else ["metric", "value"]
     return markdown_table(header, metric_rows(report))
 
 
@@ -83,6 +100,30 @@ def worst_section(worst: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def diagnostics_section(report: dict, num_examples: int) -> list[str]:
+    """The diagnostics' definitions, the generic replies of the training data, and each figure's worst examples."""
+    diagnostics = report["diagnostics"]
+    lines = ["## Chinese chat diagnostics", "", DIAGNOSTIC_DEFINITIONS, ""]
+    generic = diagnostics["generic_replies"]
+    if generic is not None:
+        shown = ", ".join(f"{reply} ({count})" for reply, count in generic[:num_examples]) or "none repeats"
+        lines += [f"The training data's most frequent replies (of {len(generic)} in the JSON report): {shown}.", ""]
+        for label, block in (("fine-tuned", report), ("base", report.get("base"))):
+            if block and block.get("generic_top"):
+                top = ", ".join(f"{reply} ({count})" for reply, count in block["generic_top"])
+                lines += [f"Generic replies of the {label} model: {top}.", ""]
+    for key, name in DIAGNOSTICS.items():
+        entries = [(label, entry) for label, ex in diagnostics["examples"].items() for entry in ex.get(key, [])]
+        if key not in report or not entries or not num_examples:
+            continue
+        lines += [f"### Worst: {name}", ""]
+        for label, entry in entries[:num_examples]:
+            reply = entry["reply"] or "(empty)"
+            lines.append(f"- **{label}** ({entry['value']:.2f}) after *{show_context(entry['context'])}*: {reply}")
+        lines.append("")
+    return lines
+
+
 def markdown_report(report: dict, num_examples: int) -> str:
     settings = report["settings"]
     lines = [
@@ -107,6 +148,7 @@ def markdown_report(report: dict, num_examples: int) -> str:
     if report.get("loss_curves"):
         lines += [f"![training and eval loss]({Path(report['loss_curves']).name})", ""]
     lines += worst_section(report["worst"][:num_examples]) if num_examples else []
+    lines += diagnostics_section(report, num_examples) if "diagnostics" in report else []
     if report["samples"] and num_examples:
         lines += ["## Examples", ""]
     compared = "base" in report
@@ -116,6 +158,7 @@ def markdown_report(report: dict, num_examples: int) -> str:
         if compared:
             replies += [("base, greedy", "base_greedy"), ("base, sampled", "base_sampled")]
         lines += [f"- {name}: {sample[key] or '(empty)'}" for name, key in replies]
+        lines += [f"- {path}, greedy: {reply or '(empty)'}" for path, reply in sample.get("runs", {}).items()]
         lines.append("")
     return "\n".join(lines)
 

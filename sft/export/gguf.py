@@ -105,6 +105,36 @@ OLLAMA_FORMATS = (
         ),
         stops=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
     ),
+    OllamaFormat(  # served in non-thinking mode, as trained: the generation prompt writes the empty think block
+        family="qwen3",
+        matches=lambda template: "<|im_start|>" in template and "enable_thinking" in template,
+        template=(
+            "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+            '{{ range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+            "{{ end }}{{ end }}<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        ),
+        stops=("<|im_end|>", "<|im_start|>"),
+    ),
+    OllamaFormat(  # GLM-4-0414: no end-of-turn token, a reply ends where the next <|user|> begins
+        family="glm-4",
+        matches=lambda template: "[gMASK]<sop>" in template and "<|assistant|>" in template,
+        template=(
+            "[gMASK]<sop>{{ if .System }}<|system|>\n{{ .System }}{{ end }}{{ range .Messages }}"
+            '{{ if eq .Role "user" }}<|user|>\n{{ .Content }}{{ else if eq .Role "assistant" }}<|assistant|>\n'
+            "{{ .Content }}{{ end }}{{ end }}<|assistant|>"
+        ),
+        stops=("<|user|>", "<|observation|>"),
+    ),
+    OllamaFormat(  # DeepSeek-R1-Distill: its generation prompt opens a think block
+        family="deepseek-r1-distill",
+        matches=lambda template: "<｜Assistant｜>" in template and "<｜end▁of▁sentence｜>" in template,
+        template=(
+            '{{ .System }}{{ range .Messages }}{{ if eq .Role "user" }}<｜User｜>{{ .Content }}'
+            '{{ else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}<｜end▁of▁sentence｜>{{ end }}{{ end }}'
+            "<｜Assistant｜><think>\n"
+        ),
+        stops=("<｜end▁of▁sentence｜>", "<｜User｜>"),
+    ),
 )
 
 
@@ -295,6 +325,14 @@ def llama_cpp_adds_bos(metadata: dict) -> bool:
     return model in ("llama", "bert") or (model == "gpt2" and pre in LLAMA_CPP_BOS_PRE_TOKENIZERS)
 
 
+def gguf_end_tokens(metadata: dict) -> list[str]:
+    """The GGUF's end and end-of-turn tokens: llama.cpp stops at either (its GLM-4 conversion makes `<|endoftext|>`
+    the end token and `<|user|>`, where a GLM-4 reply ends, the end-of-turn token)."""
+    tokens = metadata.get("tokenizer.ggml.tokens", [])
+    ids = [metadata.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot")]
+    return [tokens[i] for i in ids if i is not None and i < len(tokens)]
+
+
 def check_gguf(path: Path, tokenizer, chat_template: str) -> dict:
     """Read the GGUF back: its chat template and special tokens must be the run's, else nothing is published."""
     metadata = read_gguf_metadata(path)
@@ -309,7 +347,11 @@ def check_gguf(path: Path, tokenizer, chat_template: str) -> dict:
         expected = getattr(tokenizer, f"{kind}_token")
         if expected is None:
             continue
-        if token_id is None or token_id >= len(tokens) or tokens[token_id] != expected:
+        if kind == "eos":
+            found = gguf_end_tokens(metadata)
+        else:
+            found = [tokens[token_id]] if token_id is not None and token_id < len(tokens) else []
+        if expected not in found:
             problems.append(f"its {kind} token is not {expected!r}")
     if problems:
         raise UserError(f"the converted GGUF does not match the run: {'; '.join(problems)}")

@@ -22,16 +22,20 @@ import torch
 from sft.common.arguments import parse_arguments
 from sft.common.config import RECIPE_FILE
 from sft.common.errors import UserError, exits_cleanly_on_user_error
-from sft.common.files import reporting_full_disk, write_atomically
+from sft.common.files import check_not_inside, check_writable_folder, reporting_full_disk, write_atomically
 from sft.common.generation import load_generation_defaults, save_generation_config
 from sft.common.inference import (
+    CHECKPOINT_HELP,
     MERGE_INFO,
+    check_device,
+    checkpoint_path,
     default_device,
     load_base,
     quantization_label,
     read_run,
     start_command_logging,
     torch_dtype,
+    without_emulated_bf16,
 )
 from sft.train.checkpoints import FINISHED_MARKER
 
@@ -69,9 +73,7 @@ def merge_dtype(run, device: str, requested: str | None) -> torch.dtype:
     if not device.startswith("cuda") or own == torch.float32:
         return own
     trained = torch_dtype(run.model_args.dtype) if run.model_args.dtype not in (None, "auto") else None
-    if trained in HALF_DTYPES and (trained != torch.bfloat16 or torch.cuda.is_bf16_supported()):
-        return trained
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return without_emulated_bf16(trained if trained in HALF_DTYPES else torch.bfloat16, device)
 
 
 @torch.no_grad()
@@ -83,9 +85,11 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
 
 
 def check_output_dir(output_dir: Path, model_path: Path, overwrite: bool, marker: str = MERGE_INFO) -> None:
-    """Refuse to write into the run itself, or over anything but an earlier output of the same command (`marker`)."""
-    if output_dir.resolve() == model_path.resolve():
-        raise UserError("--output_dir must differ from --model_path: the output would overwrite the run")
+    """Refuse to write into the run itself, where nothing can be written, or over anything but an earlier output of
+    the same command (`marker`)."""
+    check_not_inside(output_dir, model_path, "--output_dir", "--model_path")
+    check_writable_folder(output_dir, "--output_dir")
+    check_writable_folder(output_dir.parent, "the folder of --output_dir")  # where the output is staged
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return
     if not overwrite:
@@ -183,6 +187,11 @@ class MergeArguments:
     )
     device: str | None = field(default=None, metadata={"help": "Where to merge: cuda, cpu (default: cuda if any)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier merge in --output_dir."})
+    checkpoint: str | None = field(default=None, metadata={"help": CHECKPOINT_HELP})
+
+    def __post_init__(self):
+        self.model_path = checkpoint_path(self.model_path, self.checkpoint)
+        check_device(self.device)
 
 
 @exits_cleanly_on_user_error

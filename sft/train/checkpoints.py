@@ -16,12 +16,12 @@ from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.trainer_utils import sort_checkpoints
 
-from sft.common.config import RECIPE_FILE
+from sft.common.config import RECIPE_FILE, RUN_SUMMARY
 from sft.common.errors import UserError
 from sft.common.files import megabytes, write_atomically
 
 logger = logging.getLogger(__name__)
-FINISHED_MARKER = "run_summary.json"  # written last: its presence means the run finished and saved everything
+FINISHED_MARKER = RUN_SUMMARY  # written last: its presence means the run finished and saved everything
 LOCK_FILE = ".run.lock"  # holds the OS lock of the run training into the folder, and who that run is
 # Where a run writes and how it reports, not what it trains: changing them does not make another recipe, so a
 # moved or copied run folder, or another data cache folder, still resumes.
@@ -65,6 +65,17 @@ def claim_output_dir(output_dir: Path) -> None:
     os.ftruncate(descriptor, 0)
     os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}".encode())
     _held_locks[key] = descriptor
+
+
+def remove_if_only_the_lock(output_dir: Path) -> None:
+    """Take back a folder this run created and left holding only its lock (it failed before writing anything)."""
+    if [path.name for path in output_dir.iterdir()] != [LOCK_FILE]:
+        return
+    descriptor = _held_locks.pop(output_dir.resolve(), None)
+    if descriptor is not None:
+        os.close(descriptor)
+    (output_dir / LOCK_FILE).unlink()
+    output_dir.rmdir()
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

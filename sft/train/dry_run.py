@@ -8,6 +8,7 @@ Loads no weights and writes nothing: data not prepared yet is prepared into a te
 import dataclasses
 import logging
 import math
+import os
 import tempfile
 
 import numpy as np
@@ -15,17 +16,21 @@ import torch
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sft.common.config import Recipe
+from sft.common.config import CHECKPOINTING, Recipe
+from sft.common.errors import UserError
 from sft.common.model import load_tokenizer
 from sft.data import load_conversations
 from sft.data.cache import is_prepared
 from sft.data.pipeline import subset
 from sft.data.stats import token_counts
+from sft.train.gpus import ESTIMATE_ANCHOR, attended_length, flops_per_token, gpu_facts, named_gpu, published_mfu
 from sft.train.machine import Facts, machine_facts
 from sft.train.plan import PACKING_SAFE_STRATEGIES, SHARDING, decide
 
 logger = logging.getLogger(__name__)
 MEASURED_SAMPLES = 2000  # samples tokenized to estimate the epoch's tokens (all of them when fewer)
+# An estimate this many times the machine's memory cannot fit by any error of the estimate: refused, not warned.
+HOPELESS_MEMORY_FACTOR = 10
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, None: 4, "auto": 2}
 
 
@@ -49,6 +54,7 @@ def epoch_figures(recipe: Recipe, datasets: DatasetDict, tokenizer, num_processe
     per_step_rows = training.per_device_train_batch_size * training.gradient_accumulation_steps * num_processes
     rows = math.ceil(kept.sum() * scale / limit) if training.packing else len(train)
     steps = math.ceil(rows / per_step_rows)
+    slots = attention_rows(kept, training.per_device_train_batch_size, limit, training.packing, training.seed)
     return {
         "train_samples": len(train),
         "validation_samples": len(datasets.get("validation", [])),
@@ -59,22 +65,42 @@ def epoch_figures(recipe: Recipe, datasets: DatasetDict, tokenizer, num_processe
         "tokens_per_epoch": int(kept.sum() * scale),
         # a truncated sample keeps its share of supervised tokens (truncation is rare: see `make data`)
         "supervised_tokens_per_epoch": int((supervised * kept / np.maximum(tokens, 1)).sum() * scale),
+        # the token slots the model computes, padding included, and the length attention is paid over (gpus.py)
+        "computed_tokens_per_epoch": int(sum(slots) * scale),
+        "attended_length": round(attended_length(kept.tolist(), slots, recipe.model.attn_implementation)),
         "measured_samples": len(measured),
     }
 
 
-def memory_estimate_gb(recipe: Recipe, facts: Facts) -> dict | None:
-    """Peak GPU memory per process, estimated from the model's config (None when the config is not at hand)."""
-    model_args, training = recipe.model, recipe.training
+def attention_rows(kept: np.ndarray, batch: int, limit: int, packing: bool, seed: int) -> list[int]:
+    """The token slots of each attention call in an epoch of these samples: padding-free packing flattens a
+    micro-batch of `batch` full rows into one sequence; else each sample is a row padded to its micro-batch's
+    longest (shuffled as the Trainer's sampler does; group_by_length would pad less)."""
+    if packing:
+        return [batch * limit] * math.ceil(kept.sum() / (batch * limit))
+    shuffled, rows = np.random.default_rng(seed).permutation(kept), []
+    for start in range(0, len(shuffled), batch):
+        micro_batch = shuffled[start : start + batch]
+        rows += [int(micro_batch.max())] * len(micro_batch)
+    return rows
+
+
+def model_config(recipe: Recipe):
+    """The model's config, or None when it is not at hand (then there is no memory or time estimate)."""
     try:
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path,
-            revision=model_args.model_revision,
-            trust_remote_code=training.trust_remote_code,
+        return AutoConfig.from_pretrained(
+            recipe.model.model_name_or_path,
+            revision=recipe.model.model_revision,
+            trust_remote_code=recipe.training.trust_remote_code,
         )
     except (OSError, ValueError) as err:
-        logger.info("no memory estimate: the model's config is not at hand (%s)", str(err).splitlines()[0])
+        logger.info("no memory or time estimate: the model's config is not at hand (%s)", str(err).splitlines()[0])
         return None
+
+
+def memory_estimate_gb(recipe: Recipe, facts: Facts, config) -> dict:
+    """Peak GPU memory per process, estimated from the model's config."""
+    model_args, training = recipe.model, recipe.training
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     linear = [m for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
@@ -97,7 +123,7 @@ def memory_estimate_gb(recipe: Recipe, facts: Facts) -> dict | None:
     # 16-bit activations of one layer: ~34 x tokens x hidden bytes (Korthikanti et al. 2022, memory-efficient
     # attention); checkpointing keeps only each layer's input and recomputes one layer at a time
     per_layer = 34 * rows * length * hidden
-    kept = layers * 2 * rows * length * hidden + per_layer if training.activation_checkpointing else layers * per_layer
+    kept = layers * 2 * rows * length * hidden + per_layer if getattr(training, CHECKPOINTING) else layers * per_layer
     logits = 2 * rows * length * config.vocab_size * 4  # fp32 logits and their gradient
     gb = {
         "weights": whole / shards,
@@ -116,13 +142,86 @@ def memory_estimate_gb(recipe: Recipe, facts: Facts) -> dict | None:
     }
 
 
+def shape_of(config) -> dict:
+    """The sizes the FLOPs formula reads, from a model's config."""
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    shape = {key: getattr(config, key) for key in keys}
+    shape["num_key_value_heads"] = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return shape
+
+
+def fit_on_gpu(facts: Facts, memory: dict) -> dict:
+    """Whether the estimated peak fits the GPU's memory, and by what margin."""
+    margin = round(facts.memory_gb - memory["total"], 1)
+    return {"gpu": facts.gpu_name, "memory_gb": facts.memory_gb, "fits": margin >= 0, "margin_gb": margin}
+
+
+def epoch_time_estimate(recipe: Recipe, facts: Facts, config, epoch: dict) -> dict:
+    """Hours per epoch at the MFU a published figure implies (ESTIMATE_ANCHOR) on this GPU's peak."""
+    lora_r = recipe.model.lora_r if recipe.model.use_peft else 0
+    flops = flops_per_token(shape_of(config), lora_r, epoch["attended_length"])
+    mfu = published_mfu(ESTIMATE_ANCHOR)
+    tokens_per_s = mfu * facts.peak_flops / flops  # per GPU
+    seconds = epoch["computed_tokens_per_epoch"] / (tokens_per_s * facts.num_processes)
+    return {
+        "hours_per_epoch": round(seconds / 3600, 2),
+        "tokens_per_s_per_gpu": round(tokens_per_s),
+        "supervised_tokens_per_s": round(epoch["supervised_tokens_per_epoch"] / seconds),
+        "model_flops_per_token": round(flops),
+        "peak_tflops": facts.peak_flops / 1e12,
+        "mfu": round(mfu, 3),
+        "mfu_source": f"implied by {ESTIMATE_ANCHOR.name}, {ESTIMATE_ANCHOR.tokens_per_s:,} tokens/s "
+        "(published; no GPU figures of our own yet)",
+    }
+
+
+def planned_facts(recipe: Recipe) -> Facts:
+    """This machine's facts, or a named GPU's (`--gpu A100`) with this launch's processes."""
+    facts = machine_facts(recipe.training)
+    if recipe.run.gpu:
+        return gpu_facts(named_gpu(recipe.run.gpu), dataclasses.replace(facts, local_rank=0))
+    return facts
+
+
+def memory_available_gb(facts: Facts) -> float:
+    """The memory one process trains in: its GPU's (a named GPU's with --gpu), or the machine's RAM on a CPU."""
+    if facts.memory_gb:
+        return facts.memory_gb
+    if facts.cuda:
+        return torch.cuda.get_device_properties(facts.local_rank).total_memory / 1e9
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def check_planned_memory(recipe: Recipe) -> None:
+    """Warn when the memory estimate exceeds the memory of this machine (or of the GPU named by --gpu); refuse when
+    it does so hopelessly (a max_length of 10^9), before any data is prepared or weight loaded."""
+    config = model_config(recipe)
+    if config is None:
+        return
+    facts = planned_facts(recipe)
+    estimate = memory_estimate_gb(recipe, facts, config)
+    available = memory_available_gb(facts)
+    if estimate["total"] <= available:
+        return
+    training = recipe.training
+    message = (
+        f"the plan needs about {estimate['total']:,} GB per process ({estimate['activations']:,} GB of activations "
+        f"and {estimate['logits']:,} GB of logits at max_length {training.max_length} x batch "
+        f"{training.per_device_train_batch_size}) and this {'GPU' if facts.cuda else 'machine'} has "
+        f"{available:,.0f} GB: lower max_length or per_device_train_batch_size"
+    )
+    if estimate["total"] > HOPELESS_MEMORY_FACTOR * available:
+        raise UserError(message)
+    logger.warning(message)
+
+
 def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:
     """The plan: the values the run will use, keyed by recipe key names, what changed and why, and the epoch.
 
-    `facts` defaults to this machine's; a test states another machine's (a T4, an FSDP launch) instead.
+    `facts` defaults to this machine's, or the GPU named by `--gpu`; a test states another machine's instead.
     """
     training, model = recipe.training, recipe.model
-    facts = facts or machine_facts(training)
+    facts = facts or planned_facts(recipe)
     changes = decide(recipe, facts)
     tokenizer = load_tokenizer(
         model.model_name_or_path,
@@ -134,6 +233,9 @@ def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:
     packs_bfd = training.packing and training.packing_strategy in PACKING_SAFE_STRATEGIES
     with tempfile.TemporaryDirectory(prefix="dry-run-") as scratch:
         epoch = epoch_figures(recipe, prepared_data(recipe, scratch), tokenizer, facts.num_processes)
+    config = model_config(recipe)
+    memory = memory_estimate_gb(recipe, facts, config) if config else None
+    estimate = epoch_time_estimate(recipe, facts, config, epoch) if config and facts.peak_flops else None
     return {
         "bf16": training.bf16,
         "fp16": training.fp16,
@@ -144,13 +246,15 @@ def dry_run(recipe: Recipe, facts: Facts | None = None) -> dict:
         "bnb_4bit_quant_storage": model.bnb_4bit_quant_storage or "uint8",
         "distributed_type": facts.distributed_type.value,
         "num_processes": facts.num_processes,
-        "activation_checkpointing": training.activation_checkpointing,
+        "activation_checkpointing": getattr(training, CHECKPOINTING),
         "ddp_find_unused_parameters": training.ddp_find_unused_parameters,
         "packing": training.packing,
         # TRL turns padding-free on by itself for packing with bfd/bfd_split
         "padding_free": training.padding_free or packs_bfd,
         "train_sampling_strategy": training.train_sampling_strategy,
         **epoch,
-        "peak_gpu_memory_estimate_gb": memory_estimate_gb(recipe, facts),
+        "peak_gpu_memory_estimate_gb": memory,
+        "gpu_memory_fit": fit_on_gpu(facts, memory) if memory and facts.memory_gb else None,
+        "epoch_time_estimate": estimate,
         "changed": {c.key: {"recipe": c.was, "now": c.now, "why": c.why} for c in changes},
     }

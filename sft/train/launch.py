@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None) -> dict:
         level=recipe.training.get_process_log_level(),
     )
     check_model_source(recipe.model.model_name_or_path)
-    if recipe.run.dry_run:
-        from sft.train.dry_run import dry_run
+    from sft.train.dry_run import check_planned_memory, dry_run
 
+    check_planned_memory(recipe)
+    if recipe.run.dry_run:
         plan = dry_run(recipe)
         if int(os.environ.get("RANK", "0")) == 0:  # one plan per launch, not one per process
             print(yaml.safe_dump(plan, allow_unicode=True, sort_keys=False), end="")

@@ -11,7 +11,7 @@ from typing import Any
 
 from accelerate.utils import DistributedType
 
-from sft.common.config import Recipe
+from sft.common.config import CHECKPOINTING, Recipe
 from sft.common.errors import UserError
 from sft.train.machine import HALF_PRECISION, Facts, attention_for, has_native_bf16
 
@@ -39,6 +39,16 @@ def _set(changes: list[Change], part, key: str, value, why: str) -> None:
         setattr(part, key, value)
 
 
+def fsdp_needs_gpus(recipe: Recipe, facts: Facts, changes: list[Change]) -> None:
+    """accelerate turns a launch into FSDP only on GPUs (accelerate/state.py, AcceleratorState: the FSDP switch sits in
+    the branch for MULTI_GPU-like types); on CPUs the launch stays MULTI_CPU and would train as plain DDP."""
+    if facts.distributed_type == DistributedType.FSDP and not facts.cuda:
+        raise UserError(
+            "FSDP needs GPUs: on CPUs accelerate trains an FSDP launch as plain data parallel; use "
+            "accelerate_configs/cpu_2proc.yaml here, or plan for a GPU with --gpu NAME (make plan GPU=NAME)"
+        )
+
+
 def choose_precision(recipe: Recipe, facts: Facts, changes: list[Change]) -> None:
     """bf16 on Ampere and newer; on older GPUs (T4, V100) fp16 compute instead of bf16 emulated at a crawl."""
     training, model = recipe.training, recipe.model
@@ -55,7 +65,8 @@ def choose_attention(recipe: Recipe, facts: Facts, changes: list[Change]) -> Non
     """The recipe's attention if it can run, else FlashAttention-2 where it can, else SDPA."""
     model = recipe.model
     if model.attn_implementation is None:
-        _set(changes, model, "attn_implementation", attention_for(facts, model.dtype), "not set: the fastest here")
+        attention = attention_for(facts, model.dtype, packed=recipe.training.packing)
+        _set(changes, model, "attn_implementation", attention, "not set: the fastest here")
     elif model.attn_implementation.startswith("flash_attention") and model.dtype not in HALF_PRECISION:
         raise UserError(f"{model.attn_implementation} runs only in bfloat16/float16, but dtype is {model.dtype}")
 
@@ -104,19 +115,19 @@ def choose_distributed_settings(recipe: Recipe, facts: Facts, changes: list[Chan
     if data_parallel and recipe.model.use_peft and training.ddp_find_unused_parameters is None:
         why = "every LoRA weight gets a gradient each step; the Trainer keeps the search on for a PeftModel"
         _set(changes, training, "ddp_find_unused_parameters", False, why)
-    if facts.distributed_type == DistributedType.FSDP and training.activation_checkpointing:
+    if facts.distributed_type == DistributedType.FSDP and getattr(training, CHECKPOINTING, False):
         why = "under FSDP, FSDP's own checkpointing (no second all-gather in the backward pass)"
         if not facts.fsdp_activation_checkpointing:
             changes.append(Change("fsdp_activation_checkpointing", False, True, why))
             os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = "true"  # read by the Accelerator's FSDP plugin
-        _set(changes, training, "activation_checkpointing", False, why)
-        training.gradient_checkpointing = False
+        _set(changes, training, CHECKPOINTING, False, why)
+        training.gradient_checkpointing = False  # the older name mirrors the newer one where both exist
 
 
 def keep_packed_sequences_apart(recipe: Recipe, facts: Facts, changes: list[Change]) -> None:
     """Allow packing only where packed sequences cannot attend to each other; else group by length instead."""
     training, attention = recipe.training, recipe.model.attn_implementation
-    if not training.packing:
+    if not getattr(training, "packing", False):  # DPOConfig has no packing
         return
     problem = None
     if training.packing_strategy not in PACKING_SAFE_STRATEGIES:
@@ -140,6 +151,7 @@ def let_the_watch_see_bad_losses(recipe: Recipe, facts: Facts, changes: list[Cha
 
 
 RULES = (
+    fsdp_needs_gpus,
     choose_precision,
     choose_attention,
     choose_placement,

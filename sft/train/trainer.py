@@ -1,5 +1,6 @@
 """Training: SFTTrainer on a 4-bit base with LoRA, loss on assistant replies only, and what a run leaves behind."""
 
+import copy
 import logging
 import netrc
 import os
@@ -17,13 +18,16 @@ from datasets import DatasetDict
 from peft import NoMatchingPeftModuleError
 from transformers import TrainerCallback
 from trl import SFTTrainer, get_peft_config, get_quantization_config
+from trl.chat_template_utils import has_generation_markers
 
 from sft.common.config import Recipe, save_resolved_recipe
 from sft.common.errors import UserError
 from sft.common.files import reporting_full_disk
 from sft.common.generation import GenerationArguments, save_generation_config
 from sft.common.model import keep_4bit_layers_differentiable, load_tokenizer, model_init_kwargs
+from sft.common.template import with_derived_reply_masks
 from sft.data import held_out_by_source
+from sft.train.audit import audit_before_training
 from sft.train.checkpoints import (
     StopOnSignal,
     checkpoint_to_resume,
@@ -31,6 +35,7 @@ from sft.train.checkpoints import (
     how_to_go_on,
     latest_complete_checkpoint,
     publish_final_outputs,
+    remove_if_only_the_lock,
 )
 from sft.train.machine import machine_facts, peak_memory
 from sft.train.plan import decide
@@ -128,6 +133,17 @@ def use_wandb_offline_without_login(report_to: list[str], output_dir: str) -> No
     )
 
 
+def with_derived_reply_spans(args, tokenizer, datasets: DatasetDict) -> tuple:
+    """For assistant-only loss with a template without generation markers: the samples with the `assistant_masks`
+    derived from the official template, from which TRL builds the labels, and `assistant_only_loss` left to them
+    (TRL's own masking needs the markers). Anything else as it is."""
+    if has_generation_markers(tokenizer.chat_template) or not args.assistant_only_loss:
+        return args, datasets
+    args = copy.copy(args)
+    args.assistant_only_loss = False
+    return args, DatasetDict({name: with_derived_reply_masks(tokenizer, ds) for name, ds in datasets.items()})
+
+
 def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
     args = recipe.training
     args.model_init_kwargs = model_init_kwargs(recipe.model, args)
@@ -138,18 +154,19 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         chat_template_path=args.chat_template_path,
     )
     args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
-    check_max_length_fits_a_turn(tokenizer, datasets["train"], args.max_length)
+    args, prepared = with_derived_reply_spans(args, tokenizer, datasets)  # a copy of args where spans are derived
+    check_max_length_fits_a_turn(tokenizer, prepared["train"], args.max_length)
     evaluating = args.eval_strategy != "no"
-    if evaluating and not len(datasets.get("validation", [])):
+    if evaluating and not len(prepared.get("validation", [])):
         raise UserError("eval_strategy asks for evaluation but the data has no validation samples (see val_size)")
     args.eval_on_start = args.eval_on_start and evaluating
     try:
         trainer = CountingSFTTrainer(
             model=recipe.model.model_name_or_path,
             args=args,
-            train_dataset=datasets["train"],
+            train_dataset=prepared["train"],
             # a mixture is evaluated per source: eval_<label>_loss for each
-            eval_dataset=(held_out_by_source(datasets, "validation") or datasets["validation"]) if evaluating else None,
+            eval_dataset=(held_out_by_source(prepared, "validation") or prepared["validation"]) if evaluating else None,
             processing_class=tokenizer,
             quantization_config=get_quantization_config(recipe.model),
             peft_config=get_peft_config(recipe.model),
@@ -161,6 +178,8 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         ) from None
     keep_lora_weights_in_fp32_under_fp16(trainer)
     keep_4bit_layers_differentiable(trainer.model)
+    # the label audit on a few dozen samples, before the first step: a wrong mask stops here, not after hours
+    audit_before_training(trainer, recipe.training, tokenizer.official_chat_template, datasets["train"])
     return trainer
 
 
@@ -234,26 +253,40 @@ def check_max_length_fits_a_turn(tokenizer, train_dataset, max_length: int | Non
         )
 
 
-def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
+def train(
+    recipe: Recipe,
+    datasets: DatasetDict,
+    build=None,
+    summarize=None,
+    generation: GenerationArguments | None = None,
+) -> dict | None:
     """Train (resuming when the output folder holds an interrupted run), then publish the results atomically.
 
-    Returns the run summary, or None when a signal stopped the run after saving a checkpoint.
+    `build` makes the trainer and `summarize` its run summary (SFT's by default; the preference stage passes its
+    own); `generation` is saved as the run's generation defaults. Returns the summary, or None when a signal
+    stopped the run after saving a checkpoint.
     """
     args = recipe.training
     output_dir = Path(args.output_dir)
     keep_hub_token_out_of_saved_files(args)
     state = PartialState()
+    created = not output_dir.exists()
     if state.is_main_process:  # the ranks of one launch share the folder; another launch stops here
         claim_output_dir(output_dir)
-    with state.main_process_first():
-        resume = args.resume_from_checkpoint or checkpoint_to_resume(
-            args.output_dir, recipe.resolved, recipe.run.overwrite_output_dir
-        )
-    use_wandb_offline_without_login(args.report_to, args.output_dir)
-    decide(recipe, machine_facts(args))
-    trainer = build_trainer(recipe, datasets)
-    if state.is_main_process:
-        save_resolved_recipe(recipe, args.output_dir)
+    try:
+        with state.main_process_first():
+            resume = args.resume_from_checkpoint or checkpoint_to_resume(
+                args.output_dir, recipe.resolved, recipe.run.overwrite_output_dir
+            )
+        use_wandb_offline_without_login(args.report_to, args.output_dir)
+        decide(recipe, machine_facts(args))
+        trainer = (build or build_trainer)(recipe, datasets)
+        if state.is_main_process:
+            save_resolved_recipe(recipe, args.output_dir)
+    except BaseException:
+        if created and state.is_main_process:  # a mistake found before training leaves no folder behind
+            remove_if_only_the_lock(output_dir)
+        raise
 
     stopper, clock = StopOnSignal(trainer.accelerator), TrainingClock()
     watch = StopOnBadSteps(recipe.run.stop_after_bad_steps)
@@ -281,7 +314,10 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         )
         return None
 
-    summary = run_summary(trainer, clock.seconds(), result.training_loss)
+    summary = {
+        **(summarize or run_summary)(trainer, clock.seconds(), result.training_loss),
+        "dtype": recipe.model.dtype,
+    }
     staging = output_dir / ".final-save"
     if state.is_main_process and staging.exists():
         shutil.rmtree(staging)
@@ -291,7 +327,8 @@ def train(recipe: Recipe, datasets: DatasetDict) -> dict | None:
         trainer.save_model(str(staging))
         if state.is_main_process:
             trainer.state.save_to_json(str(staging / "trainer_state.json"))
-            save_generation_config(staging, GenerationArguments(), trainer.processing_class)  # eval/chat/serve defaults
+            # eval/chat/serve defaults
+            save_generation_config(staging, generation or GenerationArguments(), trainer.processing_class)
             publish_final_outputs(staging, output_dir, summary)
     if state.is_main_process:
         logger.info("run finished: adapter and run_summary.json in %s", output_dir)

@@ -1,7 +1,9 @@
 """The LCCC reply metrics as Hugging Face `evaluate` modules kept in this folder, loaded from local files.
 
 Each module is a folder holding one script of the same name, which `evaluate.load` takes as a local module
-(offline, nothing fetched): `evaluate.load("sft/evaluation/metrics/char_bleu")`, `.../distinct`, `.../reply_loops`.
+(offline, nothing fetched): `evaluate.load("sft/evaluation/metrics/char_bleu")`, `.../distinct`, `.../reply_loops`,
+and the Chinese chat diagnostics `.../generic_replies`, `.../language_drift` (its `system_prompt` configuration scores
+the system-prompt probes), `.../reply_echo`, `.../self_repetition`.
 """
 
 import functools
@@ -11,11 +13,11 @@ METRICS_DIR = Path(__file__).resolve().parent
 
 
 @functools.cache
-def load_metric(name: str):
+def load_metric(name: str, config_name: str | None = None):
     """One of this folder's `evaluate` modules, loaded from its local script."""
     import evaluate
 
-    return evaluate.load(str(METRICS_DIR / name))
+    return evaluate.load(str(METRICS_DIR / name), config_name)
 
 
 def score_replies(texts: list[str], references: list[str], stopped: list[bool]) -> tuple[dict, dict]:

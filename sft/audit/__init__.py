@@ -1,0 +1,1 @@
+"""`lccc-sft audit`: certify a recipe or a trained run (labels, template, stop tokens, export); after `export`."""
