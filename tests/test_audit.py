@@ -103,9 +103,9 @@ def test_a_modelfile_that_stops_on_another_token_fails(conversations):
     tokenizer, _, _ = audit_with(None, conversations[:1])
     official = tokenizer.official_chat_template
     fmt = ollama_format(official)
-    assert check_modelfile(modelfile("m.gguf", fmt, None), official, tokenizer) == []
+    assert check_modelfile(modelfile("m.gguf", fmt, None, {}), official, tokenizer) == []
     other = dataclasses.replace(fmt, stops=("<|endoftext|>", "<|im_start|>"))
-    [problem] = check_modelfile(modelfile("m.gguf", other, None), official, tokenizer)
+    [problem] = check_modelfile(modelfile("m.gguf", other, None, {}), official, tokenizer)
     assert "lack the trained end-of-turn token '<|im_end|>'" in problem
 
 

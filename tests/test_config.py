@@ -128,3 +128,15 @@ def test_a_recipe_with_the_newer_checkpointing_name_runs_on_an_older_transformer
     assert older.gradient_checkpointing is False
     newer = parse_recipe(["--config", "recipes/smoke.yaml", "--activation_checkpointing", "false"]).training
     assert newer.activation_checkpointing is False  # where the newer name exists it is used as it is
+
+
+def test_an_option_that_collects_its_values_may_be_repeated_and_others_may_not():
+    @dataclasses.dataclass
+    class Words:
+        word: list[str] | None = dataclasses.field(default=None, metadata={"action": "extend"})
+        count: int = 1
+
+    (words,) = parse_arguments((Words,), ["--word", "a", "--word", "b"]).values
+    assert words.word == ["a", "b"]
+    with pytest.raises(UserError, match="--count is given twice"):
+        parse_arguments((Words,), ["--count", "1", "--count", "2"])

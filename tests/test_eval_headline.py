@@ -9,6 +9,7 @@ from sft.common.generation import GenerationArguments
 from sft.common.inference import TrainedModelArguments
 from sft.evaluation import evaluate as eval_module
 from sft.evaluation.batch_generation import Generated, Reply
+from sft.evaluation.diagnostics import DiagnosticInputs
 from sft.evaluation.evaluate import WORST_REPLIES, EvalArguments, evaluate, evaluate_model, most_repetitive
 
 CONTEXTS = [[{"role": "user", "content": "你好"}], [{"role": "user", "content": "在吗"}]]
@@ -28,8 +29,9 @@ def test_the_headline_metrics_are_those_of_the_sampled_replies(monkeypatch):
     """As the LCCC paper's; the top-level values are report["sampling"]'s, not report["greedy"]'s."""
     monkeypatch.setattr(eval_module, "reply_perplexity", lambda *args: {"perplexity": 12.5})
     settings = {"max_length": 64, "batch_size": 2, "last_reply_only": False}
+    no_diagnostics = DiagnosticInputs(generic=None, dialogues=[], system_prompt=None, limit=3)
     result = evaluate_model(
-        None, None, [], CONTEXTS, REFERENCES, settings, GenerationArguments(), "fine-tuned", Replies()
+        None, None, [], CONTEXTS, REFERENCES, settings, GenerationArguments(), "fine-tuned", no_diagnostics, Replies()
     )
     metrics = result["metrics"]
     assert metrics["perplexity"] == 12.5

@@ -178,11 +178,12 @@ def flag_names(cli_args: list[str]) -> list[str]:
     return [arg[2:].split("=", 1)[0].replace("-", "_") for arg in cli_args if arg.startswith("--")]
 
 
-def check_each_flag_once(flags: list[str], options: dict) -> None:
-    """Refuse an option given twice (`--lr 1 ... --lr 2`, or `--x` with `--no_x`): which one was meant is a guess."""
+def check_each_flag_once(flags: list[str], options: dict, repeatable: set[str]) -> None:
+    """Refuse an option given twice (`--lr 1 ... --lr 2`, or `--x` with `--no_x`): which one was meant is a guess.
+    Options that collect their values (`--message a --message b`) are meant to be repeated."""
     seen = {}
     for flag in flags:
-        if options[flag] in seen:
+        if options[flag] in seen and options[flag] not in repeatable:
             also = f" (also as --{seen[options[flag]]})" if seen[options[flag]] != flag else ""
             raise UserError(f"--{flag} is given twice{also}: give each option once")
         seen[options[flag]] = flag
@@ -240,7 +241,8 @@ def parse_arguments(
     for flag in flags:
         if flag not in options:
             raise UserError(f"unknown option `--{flag}`{did_you_mean(flag, options)}")
-    check_each_flag_once(flags, options)
+    collecting = (argparse._AppendAction, argparse._ExtendAction)
+    check_each_flag_once(flags, options, {a.dest for a in parser._actions if isinstance(a, collecting)})
     try:
         *parsed, unused = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     except ValueError as err:

@@ -264,7 +264,8 @@ def check_trackers(report_to: list[str] | str | None) -> None:
 def check_places(recipe: Recipe) -> None:
     """The output folder can be written and is not the base model's own folder; a checkpoint to resume exists."""
     output_dir = recipe.training.output_dir
-    check_writable_folder(output_dir, "output_dir")
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes there: other ranks may see it read-only
+        check_writable_folder(output_dir, "output_dir")
     base = recipe.model.model_name_or_path
     if base and Path(base).is_dir():
         check_not_inside(output_dir, base, "output_dir", "the base model's folder (model_name_or_path)")

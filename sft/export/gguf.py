@@ -264,7 +264,8 @@ def write_merge_scores(path: Path, tokenizer) -> None:
     from gguf import GGUFReader
 
     reader = GGUFReader(path, "r+")
-    if reader.fields["tokenizer.ggml.model"].contents() != "llama":
+    model = reader.fields.get("tokenizer.ggml.model")
+    if model is None or model.contents() != "llama":  # scores matter to SentencePiece-type vocabularies only
         return
     field = reader.fields["tokenizer.ggml.scores"]
     for token_id, score in merge_scores(tokenizer, reader.fields["tokenizer.ggml.tokens"].contents()).items():
