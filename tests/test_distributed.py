@@ -220,7 +220,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tiny
     command += ["--eval_strategy", "no", "--logging_steps", "1", "--output_dir", str(output_dir)]
     launcher = start_command(command, log)
     wait_for(lambda: "'loss':" in log.read_text(), launcher)
-    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "sft/run.py" in p.cmdline()]
+    # each worker started as `sft/run.py` and runs on as `-m sft.run` (sft/as_module.py), keeping its process id
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "sft.run" in p.cmdline()]
     rank_1 = next(p for p in workers if p.environ().get("RANK") == "1")
     rank_1.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=180) == 0, log.read_text()[-3000:]
