@@ -176,6 +176,14 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
             f"lora_target_modules {recipe.model.lora_target_modules} name no module of "
             f"{recipe.model.model_name_or_path}; use `all-linear` or names of its linear layers (e.g. q_proj v_proj)"
         ) from None
+    except RuntimeError as err:  # TRL's check while tokenizing (sft_trainer.py, assistant_only_loss)
+        if "has no assistant tokens" not in str(err):
+            raise
+        raise UserError(
+            "every label masked: the chat template marks no reply token of at least one sample, so nothing would "
+            "be learned from it; check the {% generation %} markers of the template (`lccc-sft audit` shows what "
+            "is supervised)"
+        ) from None
     keep_lora_weights_in_fp32_under_fp16(trainer)
     keep_4bit_layers_differentiable(trainer.model)
     # the label audit on a few dozen samples, before the first step: a wrong mask stops here, not after hours
