@@ -10,6 +10,7 @@ import torch
 import yaml
 from accelerate.utils import DistributedType
 from helpers import SMOKE_RECIPE, fake_gpus, run_command
+from safetensors.torch import save_file
 
 from sft.common.config import parse_recipe
 from sft.common.inference import read_run, without_emulated_bf16
@@ -253,6 +254,7 @@ def fake_run(tmp_path, recipe_dtype: str, trained_dtype: str | None):
     from helpers import TINY_MODEL
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(TINY_MODEL)}))
+    save_file({"lora": torch.zeros(1)}, tmp_path / "adapter_model.safetensors")  # read_run checks the weights are there
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"dtype": recipe_dtype, "bf16": True, "load_in_4bit": True}))
     if trained_dtype:
         (tmp_path / "run_summary.json").write_text(json.dumps({"dtype": trained_dtype, "global_step": 1}))

@@ -276,10 +276,10 @@ MISTAKES = {
         lambda p: smoke("--chat_template_path", str(p.broken_template)),
         "is not a valid Jinja template: line 1",
     ),
-    "template-no-markers": (
+    "template-no-markers": (  # no markers: spans are derived from it, but its replies end in no end-of-turn token
         "plan",
         lambda p: smoke("--chat_template_path", str(p.plain_template)),
-        "plain.jinja' has no {% generation %} markers",
+        "ends a reply with no end-of-turn token",
     ),
     "corrupt-parquet": (
         "data",
