@@ -65,7 +65,8 @@ def choose_attention(recipe: Recipe, facts: Facts, changes: list[Change]) -> Non
     """The recipe's attention if it can run, else FlashAttention-2 where it can, else SDPA."""
     model = recipe.model
     if model.attn_implementation is None:
-        attention = attention_for(facts, model.dtype, packed=recipe.training.packing)
+        packed = getattr(recipe.training, "packing", False)  # a preference run's DPOConfig has no packing
+        attention = attention_for(facts, model.dtype, packed=packed)
         _set(changes, model, "attn_implementation", attention, "not set: the fastest here")
     elif model.attn_implementation.startswith("flash_attention") and model.dtype not in HALF_PRECISION:
         raise UserError(f"{model.attn_implementation} runs only in bfloat16/float16, but dtype is {model.dtype}")
