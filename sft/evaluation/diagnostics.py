@@ -4,13 +4,12 @@ in `metrics/`; this module gathers their inputs (the training data's most freque
 answered turn by turn, the probes) and the worst examples of each.
 """
 
-import argparse
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sft.data.replies import most_frequent_replies
-from sft.evaluation.held_out import held_out_conversations
+from sft.evaluation.held_out import row_messages
 from sft.evaluation.metrics import load_metric
 
 logger = logging.getLogger(__name__)
@@ -49,9 +48,11 @@ class DiagnosticInputs:
 
 def training_conversations(run) -> list[list[dict]] | None:
     """The run's training split as message lists, or None when the run does not say what it trained on."""
+    from sft.data import load_conversations
+
     if run.data is None:
         return None
-    return held_out_conversations(run, argparse.Namespace(split="train", dataset_name=None))[0]
+    return [row_messages(row)[0] for row in load_conversations(run.data, run.seed)["train"]]
 
 
 def diagnostic_inputs(
