@@ -27,7 +27,7 @@ from sft.common.generation import (
 from sft.common.inference import TrainedModelArguments
 from sft.evaluation.batch_generation import generate_replies
 from sft.serving import chat
-from sft.serving.generator import Decoding, Generator, split_at_stop
+from sft.serving.generator import Decoding, Generator, OpenAIPenalties, split_at_stop
 from sft.serving.server import ServeArguments, Service, build_app, load_service
 
 SYSTEM_PROMPT = "你是一个友好的聊天助手"
@@ -259,6 +259,12 @@ def test_settings_saved_with_a_run_read_back_the_same_and_flags_go_on_top(tmp_pa
     assert load_generation_defaults(tmp_path, {"top_k": 5}) == dataclasses.replace(settings, top_k=5)
     assert chosen_settings(settings, ["top_k", "port", "seed"]) == {"top_k": 0, "seed": None}
     assert load_generation_defaults(tmp_path / "elsewhere") == GenerationArguments()
+    (tmp_path / "checkpoint-4").mkdir()  # a checkpoint is evaluated and served with its run's settings
+    assert load_generation_defaults(tmp_path / "checkpoint-4") == settings
+    (tmp_path / "checkpoint-4" / "generation_config.json").write_text(json.dumps({"top_k": 7}))
+    assert load_generation_defaults(tmp_path / "checkpoint-4").top_k == 7  # unless it has its own
+    (tmp_path / "best").mkdir()
+    assert load_generation_defaults(tmp_path / "best") == GenerationArguments()  # only a checkpoint looks up
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(UserError, match="is not a readable generation config"):
         load_generation_defaults(tmp_path)
@@ -287,3 +293,10 @@ def test_the_smallest_and_largest_allowed_settings_are_accepted(values):
 def test_settings_out_of_range_are_one_clear_error(values, message):
     with pytest.raises(UserError, match=message):
         GenerationArguments(**values)
+
+
+def test_frequency_and_presence_penalties_count_only_the_replys_tokens():
+    prompt_and_reply = torch.tensor([[4, 4, 1, 1, 1, 2], [1, 3, 3, 0, 0, 0]])  # a 2-token prompt, then the reply
+    penalised = OpenAIPenalties(prompt_length=2, frequency=0.5, presence=2.0)(prompt_and_reply, torch.zeros(2, 5))
+    # token 1 three times in the first reply: 3 x 0.5 + 2; token 2 once: 0.5 + 2; token 4 only in the prompt: 0
+    assert penalised.tolist() == [[0.0, -3.5, -2.5, 0.0, 0.0], [-3.5, 0.0, 0.0, -2.5, 0.0]]

@@ -282,3 +282,25 @@ def test_on_a_t4_inference_and_merging_use_fp16_not_emulated_bf16(capability, ex
     assert without_emulated_bf16(torch.bfloat16, "cuda:0") == expected
     assert without_emulated_bf16(torch.bfloat16, "cpu") == torch.bfloat16  # CPUs: as asked
     assert without_emulated_bf16(torch.float32, "cuda") == torch.float32
+
+
+def test_peak_memory_on_a_gpu_counts_torchs_peaks_and_the_paged_optimizer_beside_them(monkeypatch):
+    from bitsandbytes.functional import GlobalPageManager
+
+    from sft.train.machine import peak_memory
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3_000)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 5_000)
+    paged = [torch.zeros(10, dtype=torch.float32), torch.zeros(4, dtype=torch.uint8)]
+    monkeypatch.setattr(GlobalPageManager.get_instance(), "paged_tensors", paged)
+    assert peak_memory(torch.device("cuda", 0)) == {
+        "allocated": 3_000, "reserved": 5_000, "paged_optimizer": 44, "kind": "cuda"
+    }  # fmt: skip
+
+
+def test_peak_memory_on_a_cpu_is_the_processs_peak_resident_memory_in_bytes():
+    from sft.train.machine import peak_memory
+
+    memory = peak_memory(torch.device("cpu"))
+    assert memory["kind"] == "process_max_rss" and memory["paged_optimizer"] == 0
+    assert memory["allocated"] == memory["reserved"] > 100 * 2**20  # torch alone holds more than 100 MiB

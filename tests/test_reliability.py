@@ -104,6 +104,8 @@ def test_the_newest_complete_checkpoint_is_chosen_by_step_number(tmp_path):
     (tmp_path / "run" / "checkpoint-100").mkdir()
     (tmp_path / "run" / "checkpoint-100" / "trainer_state.json").write_text('{"trunc')
     assert checkpoint_to_resume(str(tmp_path / "run"), {"lora_r": 8}, overwrite=False).endswith("checkpoint-16")
+    assert latest_complete_checkpoint(tmp_path / "run").name == "checkpoint-16"  # what eval and merge of a run take
+    assert latest_complete_checkpoint(tmp_path / "elsewhere") is None
 
 
 @pytest.mark.slow
