@@ -189,9 +189,22 @@ test: $(VENV)/.installed $(TINY_MODELS) export-setup llama-cpp
 test-fast: $(VENV)/.installed $(TINY_MODELS)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# Mutation testing (mutmut, configured in pyproject.toml; not part of CI): every mutant of the configured modules, or
-# those whose names match MUTANTS (e.g. 'sft.train.plan.*'); results stay in mutants/ (`mutmut results`, `mutmut show`).
-MUTANTS ?=
+# Mutation testing (mutmut, configured in pyproject.toml; not part of CI): the functions where a one-character slip
+# changes what users get (plan and machine facts, generation settings, checkpoint checks, mixture keys and weights,
+# request parameters and decoding, export checks), about 1,600 mutants; MUTANTS='sft.*' for every mutant of the
+# configured modules, or any other mutant-name patterns. Results stay in mutants/ (`mutmut results`, `mutmut show`).
+MUTATE_SCOPE := 'sft.train.plan.*' 'sft.train.machine.*' 'sft.common.generation.*' \
+	'sft.train.checkpoints.x_checkpoint_to_resume*' 'sft.train.checkpoints.x_damaged_file*' \
+	'sft.train.checkpoints.x_newest_loadable_checkpoint*' 'sft.train.checkpoints.x_*complete_checkpoint*' \
+	'sft.train.checkpoints.x_unused_name*' 'sft.train.checkpoints.x_set_aside*' \
+	'sft.data.mixture.x_mixed_source*' 'sft.data.mixture.x_mix_train*' 'sft.data.mixture.x_repeated_rows*' \
+	'sft.data.mixture.x_prepared_mixture*' 'sft.serving.api.*ChatCompletionRequest*' \
+	'sft.serving.generator.*Decoding*' 'sft.serving.generator.*ChooseTokens*' 'sft.serving.generator.*OpenAIPenalties*' \
+	'sft.serving.generator.*EndRows*' 'sft.serving.generator.x_split_at_stop*' 'sft.serving.server.*Service*decoding*' \
+	'sft.serving.server.*Service*reply_budget*' 'sft.serving.server.*Service*check_length*' 'sft.export.gguf.x_check_*' \
+	'sft.export.gguf.x_*merge_scores*' 'sft.export.gguf.x_llama_cpp_adds_bos*' 'sft.export.gguf.x_gguf_end_tokens*' \
+	'sft.export.gguf.x_ollama_parameters*' 'sft.export.gguf.x_space_prefix_after_special_tokens*'
+MUTANTS ?= $(MUTATE_SCOPE)
 mutate: $(VENV)/.installed $(TINY_MODELS) export-setup
 	rm -rf mutants
 	nice $(VENV)/bin/mutmut run $(MUTANTS)
