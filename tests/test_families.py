@@ -105,6 +105,42 @@ def conversations():
     return HANDWRITTEN + lccc_conversations(SAMPLE_DATA, 20)
 
 
+def test_glm4_template_renders_what_public_sources_show_of_glm_4_0414():
+    """The forms corroborated in docs/recipes-and-bases.md: a chat as LLaMA-Factory's `glm4` template writes it, a
+    tool call as `<|assistant|>name` + newline + arguments (no space), a result as an `<|observation|>` turn, and
+    the tool list as ms-swift's `glm4_0414` agent template writes it (no system preamble)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_of("glm4"))
+
+    def rendered(messages, **kwargs):
+        return tokenizer.apply_chat_template(
+            messages, chat_template=GLM4_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+
+    chat = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+    ]
+    assert rendered(chat) == "[gMASK]<sop><|system|>\nS<|user|>\nU1<|assistant|>\nA1<|user|>\nU2<|assistant|>"
+    call = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "metadata": "get_weather", "content": '{"city": "北京"}'},
+        {"role": "observation", "content": "晴"},
+    ]
+    expected = '[gMASK]<sop><|user|>\nq<|assistant|>get_weather\n{"city": "北京"}<|observation|>\n晴<|assistant|>'
+    assert rendered(call) == expected
+    tools = [{"type": "function", "function": {"name": n, "description": "d", "parameters": {}}} for n in "fg"]
+    described = [
+        f"## {n}\n\n"
+        + json.dumps({"name": n, "description": "d", "parameters": {}}, ensure_ascii=False, indent=4)
+        + "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+        for n in "fg"
+    ]
+    tool_list = "<|system|>\n# 可用工具\n\n" + "\n".join(described)
+    assert rendered(call[:1], tools=tools) == f"[gMASK]<sop>{tool_list}<|user|>\nq<|assistant|>"
+
+
 def test_the_tiny_model_ships_the_official_template_and_stops_at_the_end_of_turn(family, tokenizer):
     assert tokenizer.chat_template == family.official
     assert tokenizer.eos_token == family.end_of_turn
