@@ -5,8 +5,10 @@ import json
 import zipfile
 
 import pyarrow as pa
+import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from sft.data.cache import is_readable
 from sft.train.checkpoints import checkpoint_to_resume, damaged_file
@@ -91,3 +93,40 @@ def test_a_split_cut_exactly_at_a_record_batch_boundary_is_not_readable(tmp_path
     with pa.memory_map(str(tmp_path / "train.arrow")) as source:
         assert pa.ipc.open_stream(source).read_all().num_rows == 10  # no error: the cut is invisible to Arrow
     assert not is_readable(tmp_path)
+
+
+def truncated(path, keep: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize(
+    "name, damage, why",
+    [
+        ("optimizer.pt", flip_bytes_inside_the_largest_record, "fails its checksum"),
+        ("rng_state.pth", flip_bytes_inside_the_largest_record, "fails its checksum"),
+        ("training_args.bin", truncated, "File is not a zip file"),
+        ("adapter_model.safetensors", truncated, "incomplete metadata, file not fully covered"),
+        ("trainer_state.json", truncated, "Unterminated string"),
+    ],
+)
+def test_every_kind_of_checkpoint_file_is_read_back_whole(tmp_path, name, damage, why):
+    checkpoint = write_checkpoint(tmp_path, 5)
+    path = checkpoint / name
+    if path.suffix in (".pt", ".pth", ".bin"):
+        torch.save({"weights": torch.arange(4096, dtype=torch.float32)}, path)
+    elif path.suffix == ".safetensors":
+        save_file({"lora_B": torch.ones(64, 64)}, path)
+    else:
+        path.write_text(json.dumps({"global_step": 5, "log_history": ["a" * 200]}), encoding="utf-8")
+    (checkpoint / "README.md").write_text("{ not JSON, and not read")  # other files are not checked
+    assert damaged_file(checkpoint) is None
+    damage(path)
+    found, reason = damaged_file(checkpoint)
+    assert found == name and why in reason and "\n" not in reason
+
+
+def test_a_damaged_file_whose_error_has_no_message_is_named_by_the_errors_kind(tmp_path, monkeypatch):
+    checkpoint = write_checkpoint(tmp_path, 5)
+    monkeypatch.setattr(json, "loads", lambda text: (_ for _ in ()).throw(EOFError()))
+    assert damaged_file(checkpoint) == ("trainer_state.json", "EOFError")

@@ -1,6 +1,7 @@
 """The launch decisions for GPUs, driven on a CPU with the facts they read: a T4, an A100 or H100, an FSDP or
 DDP launch; and `--dry_run true`, which prints them."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -249,6 +250,19 @@ def test_each_rank_trains_on_a_gpu_it_sees(visible, local_rank, gpu, monkeypatch
     assert r.training.model_init_kwargs["device_map"] == {"": gpu}
 
 
+@pytest.mark.parametrize(
+    "name, capability, peak_flops",
+    [("Tesla T4", (7, 5), 65e12), ("NVIDIA A100-SXM4-80GB", (8, 0), 312e12), ("NVIDIA Imaginary Z9", (12, 0), None)],
+)
+def test_the_gpus_name_memory_and_tabled_peak_reach_the_plan(name, capability, peak_flops, monkeypatch):
+    """What `make plan` and the MFU figures read: the peak in the precision the GPU trains in (a T4 has no bf16
+    entry in TRL's table: its fp16 peak), none for a GPU the table does not know."""
+    fake_gpus(monkeypatch, 1, capability, name)
+    facts = machine_facts()
+    assert (facts.gpu_name, facts.memory_gb, facts.peak_flops) == (name, 80.0, peak_flops)
+    assert machine_facts(argparse.Namespace(use_cpu=True)).gpu_name is None
+
+
 def fake_run(tmp_path, recipe_dtype: str, trained_dtype: str | None):
     """A run folder as training leaves it: adapter config, recipe.yaml, and run_summary.json when finished."""
     from helpers import TINY_MODEL
@@ -304,3 +318,18 @@ def test_peak_memory_on_a_cpu_is_the_processs_peak_resident_memory_in_bytes():
     memory = peak_memory(torch.device("cpu"))
     assert memory["kind"] == "process_max_rss" and memory["paged_optimizer"] == 0
     assert memory["allocated"] == memory["reserved"] > 100 * 2**20  # torch alone holds more than 100 MiB
+
+
+@pytest.mark.parametrize("facts", [T4, H100, DDP, FSDP], ids=["t4", "h100", "ddp", "fsdp"])
+def test_every_change_of_the_plan_says_what_the_recipe_had_and_why(facts):
+    """`make plan` prints each change as was -> now, with its reason."""
+    before, after = recipe(*LCCC_BASE_LIKE), recipe(*LCCC_BASE_LIKE)
+    changes = decide(after, facts)
+    assert changes
+    for change in changes:
+        assert isinstance(change.why, str) and change.why and change.was != change.now
+        for part in (before.training, before.model):
+            if hasattr(part, change.key) and change.key != "n_gpu":
+                assert getattr(part, change.key) == change.was, change.key
+        if change.key == "device_map":
+            assert change.was == "TRL's default: 'auto'"
