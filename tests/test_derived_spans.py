@@ -72,14 +72,32 @@ FOLDED = (
     " + '\n' }}{%- else %}{{ 'BOT: ' + m['content'] + eos_token + '\n' }}{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{ 'BOT: ' }}{%- endif %}"
 )
-CUSTOM = {"zephyr": ("llama", ZEPHYR), "chatml": ("qwen2_5", CHATML), "mistral": ("llama", MISTRAL)}
+# A local variant of Gemma's (google/gemma-2-2b-it; TRL has a training form of the original): contents trimmed, the
+# assistant called `model`, no system prompt, replies ending with <end_of_turn> (set as the tokenizer's eos_token).
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}{#- a local variant #}"
+)
+CUSTOM = {
+    "zephyr": ("llama", ZEPHYR, None),
+    "chatml": ("qwen2_5", CHATML, None),
+    "mistral": ("llama", MISTRAL, None),
+    "gemma": ("llama", GEMMA, "<end_of_turn>"),
+}
 
 
-def model_with_template(folder, family: str, template: str):
-    """A copy of the family's tiny model whose tokenizer ships `template` as its official chat template."""
+def model_with_template(folder, family: str, template: str, eos_token: str | None = None):
+    """A copy of the family's tiny model whose tokenizer ships `template` as its official chat template (and a new
+    `eos_token`, if given: then for its tokenizer only, the model has no embedding for it)."""
     shutil.copytree(tiny_model_of(family), folder, dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = template
+    if eos_token:
+        tokenizer.add_special_tokens({"eos_token": eos_token})
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -115,10 +133,10 @@ def test_the_derived_spans_are_the_hand_marked_replies_and_their_end_of_turn(zep
 def test_a_training_template_is_derived_and_renders_the_official_text_with_the_derived_spans(
     name, conversations, tmp_path
 ):
-    family, official = CUSTOM[name]
-    tokenizer = load_tokenizer(str(model_with_template(tmp_path, family, official)))
+    family, official, eos_token = CUSTOM[name]
+    tokenizer = load_tokenizer(str(model_with_template(tmp_path, family, official, eos_token)))
     assert tokenizer.official_chat_template == official and training_template_kind(tokenizer.chat_template) == "derived"
-    if name == "mistral":  # no system prompt: the derived template refuses one, as the official one does
+    if name in ("mistral", "gemma"):  # no system prompt: the derived template refuses one, as the official one does
         with pytest.raises(Exception, match="takes no system message"):
             tokenizer.apply_chat_template(HANDWRITTEN[2], tokenize=False)
         conversations = [c for c in conversations if c[0]["role"] != "system"]
