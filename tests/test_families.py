@@ -27,9 +27,16 @@ from trl.chat_template_utils import (
 )
 
 from sft.common.config import parse_recipe
+from sft.common.errors import UserError
 from sft.common.inference import render_prompt
 from sft.common.model import TINY_MODEL_DIRS
-from sft.common.template import OUR_TRAINING_TEMPLATES, strip_generation_markers, training_chat_template
+from sft.common.template import (
+    OUR_TRAINING_TEMPLATES,
+    strip_generation_markers,
+    template_difference,
+    training_chat_template,
+    training_template_kind,
+)
 from sft.tiny import BUILDERS, GLM4_CHAT_TEMPLATE, SAMPLE_DATA
 from sft.train.trainer import build_trainer
 
@@ -180,10 +187,29 @@ def test_training_templates_render_exactly_the_official_text(name, conversations
                 assert rendered == expected
 
 
-def test_an_unknown_template_trains_as_it_is_through_derived_spans(family, tokenizer):
+# What a local variant of each official template (one neither we nor TRL know) trains with: a template derived from
+# it, the variant itself with spans derived per conversation (GLM-4), or a refusal (tests/test_derived_spans.py).
+UNKNOWN_VARIANT = {
+    "qwen2_5": "derived",  # its default system prompt is the derived template's start without a system message
+    "llama3": "derived",  # the same for its date header
+    "glm4": "official_with_derived_spans",  # a reply ends at the next <|user|>: no end-of-turn token of its own
+    "qwen3": "rewrites earlier turns",  # the think block before the last reply only
+    "r1_distill": "generation prompt",  # it opens a think block that its replies do not have
+}
+
+
+def test_an_unknown_variant_of_a_template_gets_a_derived_one_or_is_refused(family, tokenizer, conversations):
     unknown = family.official + "{#- a local variant: neither we nor TRL know it #}"
     tokenizer.chat_template = unknown
-    assert training_chat_template(tokenizer) == unknown  # no markers: tests/test_derived_spans.py
+    expected = UNKNOWN_VARIANT.get(family.name)
+    if expected in (None, "derived", "official_with_derived_spans"):
+        training = training_chat_template(tokenizer)
+        assert training_template_kind(training) == (expected or "marked")  # Llama-2: ours, whatever the variant
+        for messages in conversations if expected == "derived" else []:
+            assert template_difference(tokenizer, training, unknown, messages) is None
+    else:
+        with pytest.raises(UserError, match=expected):
+            training_chat_template(tokenizer)
 
 
 @pytest.fixture(scope="module")

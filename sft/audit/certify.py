@@ -2,9 +2,10 @@
 
 On the recipe's own prepared data (a run's: its saved `recipe.yaml`), through SFTTrainer's tokenization and labels
 (`sft/train/audit.py`): loss on each reply and its end-of-turn token and nothing else, BOS right, truncations
-counted and shown, the training template equal to the official one. For a run, also: the trained end-of-turn token
-is among `generation_config.json`'s stop ids and, where the run was exported, the GGUF's template and end token and
-the Modelfile's template and stops are the run's. Prints two samples with the supervised spans marked.
+counted and shown, the training template equal to the official one. For a run, the training template audited is the
+one the run wrote (its `chat_template.jinja`), and also: the trained end-of-turn token is among
+`generation_config.json`'s stop ids and, where the run was exported, the GGUF's template and end token and the
+Modelfile's template and stops are the run's. Prints two samples with the supervised spans marked.
 Any failure is listed (conversation, position, tokens) and the command exits with code 2.
 """
 
@@ -15,12 +16,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers.utils.hub import CHAT_TEMPLATE_FILE
+
 from sft.common.arguments import parse_arguments
 from sft.common.config import RECIPE_DATACLASSES, RECIPE_FILE, Recipe, check_values
 from sft.common.errors import UserError, exits_cleanly_on_user_error
 from sft.common.generation import GENERATION_CONFIG
 from sft.common.inference import start_command_logging
 from sft.common.model import check_model_source, load_tokenizer
+from sft.common.template import training_template_kind
 from sft.data import load_conversations
 from sft.export.gguf import MODELFILE, gguf_end_tokens, ollama_format, read_gguf_metadata
 from sft.train.audit import AuditReport, TrlPreparation, audit_samples, marked_sample, trl_labels
@@ -123,13 +127,25 @@ def check_export(gguf_dir: Path, official: str, tokenizer, conversations: list[l
     return problems
 
 
+def training_template_path(recipe: Recipe, args: AuditArguments) -> str | None:
+    """The training template to audit: the one a run wrote with its tokenizer, else the recipe's (None: the one
+    `load_tokenizer` gives the model, ours, TRL's or derived from the official template)."""
+    written = Path(args.model_path or "") / CHAT_TEMPLATE_FILE
+    return str(written) if args.model_path and written.is_file() else recipe.training.chat_template_path
+
+
 def audit(recipe: Recipe, args: AuditArguments) -> AuditReport:
     check_model_source(recipe.model.model_name_or_path)
+    template_path = training_template_path(recipe, args)
     tokenizer = load_tokenizer(
         recipe.model.model_name_or_path,
         revision=recipe.model.model_revision,
         trust_remote_code=recipe.training.trust_remote_code,
-        chat_template_path=recipe.training.chat_template_path,
+        chat_template_path=template_path,
+    )
+    print(
+        f"training template: {training_template_kind(tokenizer.chat_template)} "
+        f"({template_path or 'from ' + recipe.model.model_name_or_path})"
     )
     datasets = load_conversations(recipe.data, recipe.training.seed)
     if args.split not in datasets:

@@ -75,8 +75,9 @@ def load_tokenizer(
     need_reply_markers: bool = True,
 ):
     """A model's or run's tokenizer, with a chat template whose assistant replies carry `{% generation %}` markers
-    where we or TRL have a training form of it; any other template stays as it is, and its reply spans are derived
-    from it (`derived_reply_mask`). The pad token falls back to the end-of-sequence token, as in TRL.
+    where we or TRL have a training form of it or one can be derived from it (`derive_training_template`); any other
+    template stays as it is, and its reply spans are derived per conversation (`derived_reply_mask`). The pad token
+    falls back to the end-of-sequence token, as in TRL.
     The model's own template stays at hand as `official_chat_template`, for the label audit to compare against.
     With `need_reply_markers` off (generating), a `chat_template_path` that is not a file is ignored.
     """

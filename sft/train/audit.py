@@ -3,6 +3,8 @@
 Labels come from SFTTrainer's own dataset preparation (`_prepare_dataset`: TRL's tokenization and its labels from
 the assistant masks), so what is checked is what trains. The checks, per conversation:
 - the training template without its `{% generation %}` markers renders the model's official template exactly;
+- for a training template derived from the official one (`derive_training_template`), the supervised tokens are the
+  spans derived by rendering growing prefixes of the conversation with the official template;
 - the tokens are the official text's tokens: BOS tokens as many, and where, as the official text has them (for a
   template without markers, whose spans training derives, plus an end-of-turn token after a final reply the
   template leaves open);
@@ -22,7 +24,14 @@ from trl import SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
 from sft.common.errors import UserError
-from sft.common.template import strip_generation_markers, with_derived_reply_masks
+from sft.common.template import (
+    first_difference,
+    is_derived_training_template,
+    span_difference,
+    strip_generation_markers,
+    template_difference,
+    with_derived_reply_masks,
+)
 
 TRAINING_AUDIT_SAMPLES = 32  # audited before the first step: seconds, even on a CPU
 IGNORED = -100
@@ -37,6 +46,7 @@ class Labelled:
     replies: list[str]  # the contents that must be supervised, in order
     input_ids: list[int]
     labels: list[int]
+    first: int = 0  # the first message whose replies are supervised (a prompt/completion sample's completion)
 
 
 @dataclass
@@ -87,11 +97,11 @@ def trl_labels(preparer, tokenizer, args, dataset: Dataset) -> list[Labelled]:
     samples = []
     for index, (row, out) in enumerate(zip(dataset, prepared, strict=True)):
         if "messages" in row:
-            messages, supervised = row["messages"], row["messages"]
+            messages, first = row["messages"], 0
         else:
-            messages, supervised = row["prompt"] + row["completion"], row["completion"]
-        replies = [m["content"] for m in supervised if m["role"] == "assistant"]
-        samples.append(Labelled(index, messages, replies, out["input_ids"], out["labels"]))
+            messages, first = row["prompt"] + row["completion"], len(row["prompt"])
+        replies = [m["content"] for m in messages[first:] if m["role"] == "assistant"]
+        samples.append(Labelled(index, messages, replies, out["input_ids"], out["labels"], first))
     return samples
 
 
@@ -112,26 +122,21 @@ def show_tokens(tokenizer, ids: list[int], start: int, end: int) -> str:
     return repr(tokenizer.convert_ids_to_tokens(ids[max(start, 0) : end]))
 
 
-def first_difference(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
 def check_template(tokenizer, official: str, sample: Labelled, **template_kwargs) -> list[str]:
     """The training template without markers renders the official template's text for this conversation."""
-    where = f"conversation {sample.index}"
-    render = dict(tokenize=False, **template_kwargs)
-    trained = tokenizer.apply_chat_template(
-        sample.messages, chat_template=strip_generation_markers(tokenizer.chat_template), **render
+    difference = template_difference(tokenizer, tokenizer.chat_template, official, sample.messages, **template_kwargs)
+    return [f"conversation {sample.index}: {difference}"] if difference else []
+
+
+def check_derived_spans(tokenizer, official: str, sample: Labelled) -> list[str]:
+    """A derived training template supervises exactly the spans derived from the official template."""
+    mask = [int(label != IGNORED) for label in sample.labels]
+    difference = span_difference(tokenizer, official, sample.messages, sample.input_ids, mask, sample.first)
+    return (
+        [f"conversation {sample.index}: the derived training template's spans differ: {difference}"]
+        if difference
+        else []
     )
-    expected = tokenizer.apply_chat_template(sample.messages, chat_template=official, **render)
-    if trained == expected:
-        return []
-    at = first_difference(trained, expected)
-    near = slice(max(at - 20, 0), at + 20)
-    return [
-        f"{where}: the training template without its generation markers differs from the official template at "
-        f"character {at}: trains {trained[near]!r}, official {expected[near]!r}"
-    ]
 
 
 def check_tokens(tokenizer, official: str, sample: Labelled, **template_kwargs) -> list[str]:
@@ -204,6 +209,8 @@ def audit_samples(tokenizer, official: str, samples: list[Labelled], max_length:
         report.failures += check_template(tokenizer, official, sample, **kw)
         report.failures += check_tokens(tokenizer, official, sample, **kw)
         report.failures += check_labels(tokenizer, sample)
+        if is_derived_training_template(tokenizer.chat_template):
+            report.failures += check_derived_spans(tokenizer, official, sample)
         if cut := truncation(sample, max_length):
             report.truncated.append(cut)
     return report

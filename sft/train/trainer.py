@@ -25,7 +25,7 @@ from sft.common.errors import UserError
 from sft.common.files import reporting_full_disk
 from sft.common.generation import GenerationArguments, save_generation_config
 from sft.common.model import keep_4bit_layers_differentiable, load_tokenizer, model_init_kwargs
-from sft.common.template import with_derived_reply_masks
+from sft.common.template import TEMPLATE_KINDS, training_template_kind, with_derived_reply_masks
 from sft.data import held_out_by_source
 from sft.train.audit import audit_before_training
 from sft.train.checkpoints import (
@@ -154,6 +154,7 @@ def build_trainer(recipe: Recipe, datasets: DatasetDict) -> CountingSFTTrainer:
         chat_template_path=args.chat_template_path,
     )
     args.chat_template_path = None  # applied above; SFTTrainer must not apply it again
+    logger.info("training template: %s", TEMPLATE_KINDS[training_template_kind(tokenizer.chat_template)])
     args, prepared = with_derived_reply_spans(args, tokenizer, datasets)  # a copy of args where spans are derived
     check_max_length_fits_a_turn(tokenizer, prepared["train"], args.max_length)
     evaluating = args.eval_strategy != "no"
@@ -228,6 +229,7 @@ def run_summary(trainer: CountingSFTTrainer, train_runtime_s: float, train_loss:
         "paged_optimizer_mb": round(memory["paged_optimizer"] / 2**20, 1),
         "peak_memory_kind": memory["kind"],
         "num_processes": trainer.accelerator.num_processes,
+        "training_template": training_template_kind(trainer.processing_class.chat_template),
         "versions": {name: version(name) for name in VERSIONED_PACKAGES},
     }
 
