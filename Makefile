@@ -7,7 +7,8 @@ ARGS ?=
 ACCELERATE_CONFIG ?= accelerate_configs/single_gpu.yaml
 # The smoke models, one per family (sft/tiny.py): Llama-2, Qwen2.5, Llama-3, Qwen3, GLM-4 and R1-Distill lookalikes.
 TINY_MODELS := build/tiny-llama/config.json build/tiny-qwen2_5/config.json build/tiny-llama3/config.json \
-	build/tiny-qwen3/config.json build/tiny-glm4/config.json build/tiny-r1_distill/config.json
+	build/tiny-qwen3/config.json build/tiny-qwen3_2507/config.json build/tiny-glm4/config.json \
+	build/tiny-r1_distill/config.json
 MODEL_PATH ?= output/smoke
 MERGED_DIR ?= $(MODEL_PATH)-merged
 SMOKE_OUTPUT := output/smoke

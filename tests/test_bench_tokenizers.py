@@ -1,8 +1,15 @@
 """The tokens-per-character benchmark's DeepSeek-R1-Distill-Qwen tokenizer: Qwen2.5's vocabulary with R1's tokens at
-their real ids, so its text row is measured on the real vocabulary (Qwen's ranks ship in the dev dependency)."""
+their real ids, so its text row is measured on the real vocabulary (Qwen's ranks ship in the dev dependency); and its
+Qwen3-Instruct-2507 row, measured with Qwen2.5's tokenizer."""
 
 import pytest
-from trl.chat_template_utils import deepseek_r1_distill_chat_template, qwen2_5_chat_template
+from test_families import tiny_model_of
+from transformers import AutoTokenizer
+from trl.chat_template_utils import (
+    deepseek_r1_distill_chat_template,
+    qwen2_5_chat_template,
+    qwen3_instruct_2507_chat_template,
+)
 
 from benchmarks.bench_tokenizers import measure, qwen2_5_tokenizer, r1_distill_tokenizer
 
@@ -26,3 +33,13 @@ def test_r1_distill_has_qwen2_5s_vocabulary_and_r1s_tokens_at_their_ids():
     assert r1_row["tokens_per_character"] == qwen_row["tokens_per_character"]
     # R1's template adds one BOS, one header per message and the end-of-turn token to the text
     assert r1_row["tokens_per_sample_mean"] == r1_row["text_tokens_per_sample_mean"] + 4
+
+
+def test_qwen3_instruct_2507_is_measured_with_its_models_tokens_and_no_default_system_prompt():
+    """The row reuses Qwen2.5's tokenizer: Qwen3-Instruct-2507's model tokenizes its official text alike."""
+    qwen, tiny = qwen2_5_tokenizer(), AutoTokenizer.from_pretrained(tiny_model_of("qwen3_2507"))
+    rendered = qwen.apply_chat_template(CONVERSATION, chat_template=qwen3_instruct_2507_chat_template, return_dict=True)
+    assert rendered["input_ids"] == tiny.apply_chat_template(CONVERSATION, return_dict=True)["input_ids"]
+    row = measure(qwen, qwen3_instruct_2507_chat_template, [CONVERSATION])
+    # `<|im_start|>` role newline ... `<|im_end|>` newline per message, and no system turn (Qwen2.5 writes one)
+    assert row["tokens_per_sample_mean"] == row["text_tokens_per_sample_mean"] + 10

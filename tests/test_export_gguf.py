@@ -14,7 +14,13 @@ from test_families import tiny_model_of
 from tokenizers import decoders
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
-from trl.chat_template_utils import llama3_1_chat_template, llama3_chat_template, qwen2_5_chat_template
+from trl.chat_template_utils import (
+    llama3_1_chat_template,
+    llama3_chat_template,
+    qwen2_5_chat_template,
+    qwen3_chat_template,
+    qwen3_instruct_2507_chat_template,
+)
 
 import sft.export.gguf
 from sft.common.errors import UserError
@@ -333,6 +339,7 @@ def test_modelfile_template_renders_conversations_as_the_runs_chat_template(expo
         ("qwen2_5", "qwen2.5", "<|im_end|>"),
         ("llama3", "llama-3.1", "<|eot_id|>"),
         ("qwen3", "qwen3", "<|im_end|>"),
+        ("qwen3_2507", "qwen3-instruct-2507", "<|im_end|>"),
         ("glm4", "glm-4", "<|user|>"),
         ("r1_distill", "deepseek-r1-distill", "<｜end▁of▁sentence｜>"),
     ],
@@ -420,6 +427,8 @@ def test_a_run_without_a_bos_token_needs_a_gguf_that_adds_none(tmp_path):
 def test_official_templates_have_their_ollama_format_and_others_are_refused_before_any_work():
     assert sft.export.gguf.ollama_format(qwen2_5_chat_template).family == "qwen2.5"
     assert sft.export.gguf.ollama_format(llama3_1_chat_template).family == "llama-3.1"
+    assert sft.export.gguf.ollama_format(qwen3_chat_template).family == "qwen3"
+    assert sft.export.gguf.ollama_format(qwen3_instruct_2507_chat_template).family == "qwen3-instruct-2507"
     chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     for template in (chatml, llama3_chat_template):  # no Qwen default system turn; Llama-3.0 writes no date lines
         with pytest.raises(UserError, match="no Ollama template for this run's chat template"):

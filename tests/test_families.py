@@ -1,6 +1,6 @@
-"""Qwen2.5, Qwen3, GLM-4, DeepSeek-R1-Distill and Llama-3 beside Llama-2: the official template's text, the loss
-on the replies and their end-of-turn token only, and one short smoke run per family that trains, evaluates, chats,
-merges and stops at the right token."""
+"""Qwen2.5, Qwen3, Qwen3-Instruct-2507, GLM-4, DeepSeek-R1-Distill and Llama-3 beside Llama-2: the official
+template's text, the loss on the replies and their end-of-turn token only, and one short smoke run per family that
+trains, evaluates, chats, merges and stops at the right token."""
 
 import json
 import math
@@ -23,7 +23,6 @@ from trl.chat_template_utils import (
     qwen2_5_chat_template,
     qwen3_chat_template,
     qwen3_instruct_2507_chat_template,
-    qwen3_instruct_2507_training_chat_template,
 )
 
 from sft.common.config import parse_recipe
@@ -59,6 +58,15 @@ FAMILIES = {
         "qwen2_5", "recipes/smoke_qwen2_5.yaml", qwen2_5_chat_template, "<|im_end|>", None, "assistant\n", False
     ),
     "qwen3": Family("qwen3", "recipes/smoke_qwen3.yaml", qwen3_chat_template, "<|im_end|>", None, "\n", False),
+    "qwen3_2507": Family(
+        "qwen3_2507",
+        "recipes/smoke_qwen3_2507.yaml",
+        qwen3_instruct_2507_chat_template,
+        "<|im_end|>",
+        None,
+        "assistant\n",
+        False,
+    ),
     # GLM-4-0414: no training template of ours or TRL's, the spans are derived; the reply starts with a newline
     # and ends where the next <|user|> begins
     "glm4": Family(
@@ -157,7 +165,7 @@ def test_the_tiny_model_ships_the_official_template_and_stops_at_the_end_of_turn
 
 OFFICIAL_TEMPLATES = {  # name: (template, the tiny model whose tokens it uses, TRL's training form if that is used)
     "qwen2_5": (qwen2_5_chat_template, "qwen2_5", None),
-    "qwen3_instruct_2507": (qwen3_instruct_2507_chat_template, "qwen2_5", qwen3_instruct_2507_training_chat_template),
+    "qwen3_instruct_2507": (qwen3_instruct_2507_chat_template, "qwen3_2507", None),
     "llama3_1": (llama3_1_chat_template, "llama3", None),
     "llama3": (llama3_chat_template, "llama3", llama3_training_chat_template),
     "qwen3": (qwen3_chat_template, "qwen3", None),
@@ -167,8 +175,8 @@ OFFICIAL_TEMPLATES = {  # name: (template, the tiny model whose tokens it uses, 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_TEMPLATES))
 def test_training_templates_render_exactly_the_official_text(name, conversations):
-    """Ours for Qwen2.5 and Llama-3.1, TRL's for Llama-3 and Qwen3-Instruct-2507: the same text as the official
-    template, with and without the markers, for whole conversations and for the prompt of the next reply."""
+    """Ours for Qwen2.5, Qwen3, Qwen3-Instruct-2507, Llama-3.1 and R1-Distill, TRL's for Llama-3: the same text as the
+    official template, with and without the markers, for whole conversations and for the prompt of the next reply."""
     official, model, trl_training = OFFICIAL_TEMPLATES[name]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_of(model))
     tokenizer.chat_template = official
@@ -385,7 +393,7 @@ SERVED = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen3", "glm4", "r1_distill"])
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_2507", "glm4", "r1_distill"])
 def test_serve_renders_the_official_prompt_and_stops_at_the_end_of_turn(name, tmp_path):
     family = FAMILIES[name]
     model_dir = ending_every_turn(name, tmp_path / name)

@@ -21,6 +21,7 @@ TINY_MODEL_DIRS = {
     "qwen2_5": "build/tiny-qwen2_5",
     "llama3": "build/tiny-llama3",
     "qwen3": "build/tiny-qwen3",
+    "qwen3_2507": "build/tiny-qwen3_2507",
     "glm4": "build/tiny-glm4",
     "r1_distill": "build/tiny-r1_distill",
 }

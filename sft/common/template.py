@@ -23,6 +23,7 @@ from trl.chat_template_utils import (
     llama3_1_chat_template,
     qwen2_5_chat_template,
     qwen3_chat_template,
+    qwen3_instruct_2507_chat_template,
 )
 
 from sft.common.errors import UserError
@@ -34,6 +35,7 @@ OUR_TRAINING_TEMPLATES = {
     llama3_1_chat_template: (TEMPLATES / "llama3_1_training.jinja").read_text(encoding="utf-8"),
     qwen2_5_chat_template: (TEMPLATES / "qwen2_5_training.jinja").read_text(encoding="utf-8"),
     qwen3_chat_template: (TEMPLATES / "qwen3_training.jinja").read_text(encoding="utf-8"),
+    qwen3_instruct_2507_chat_template: (TEMPLATES / "qwen3_instruct_2507_training.jinja").read_text(encoding="utf-8"),
     deepseek_r1_distill_chat_template: (TEMPLATES / "deepseek_r1_distill_training.jinja").read_text(encoding="utf-8"),
 }
 ASK_FOR_MARKERS = (

@@ -70,6 +70,12 @@ class OllamaFormat:
 QWEN2_5_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 # The lines Llama-3.1's template writes at the start of every system turn, with its default `date_string`.
 LLAMA3_1_KNOWLEDGE, LLAMA3_1_DATE = "Cutting Knowledge Date: December 2023", "26 Jul 2024"
+# Qwen3's turns (no default system prompt), up to the generation prompt's `<|im_start|>assistant` line.
+QWEN3_CHAT = (
+    "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+    '{{ range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+    "{{ end }}{{ end }}<|im_start|>assistant\n"
+)
 OLLAMA_FORMATS = (
     OllamaFormat(
         family="llama-2",
@@ -108,11 +114,17 @@ OLLAMA_FORMATS = (
     OllamaFormat(  # served in non-thinking mode, as trained: the generation prompt writes the empty think block
         family="qwen3",
         matches=lambda template: "<|im_start|>" in template and "enable_thinking" in template,
-        template=(
-            "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-            '{{ range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
-            "{{ end }}{{ end }}<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        template=QWEN3_CHAT + "<think>\n\n</think>\n\n",
+        stops=("<|im_end|>", "<|im_start|>"),
+    ),
+    OllamaFormat(  # Qwen3-Instruct-2507: Qwen's ChatML and tool turns, no thinking mode, no default system prompt
+        family="qwen3-instruct-2507",
+        matches=lambda template: (
+            "<|im_start|>" in template
+            and "<tool_response>" in template
+            and not ("enable_thinking" in template or QWEN2_5_DEFAULT_SYSTEM in template)
         ),
+        template=QWEN3_CHAT,
         stops=("<|im_end|>", "<|im_start|>"),
     ),
     OllamaFormat(  # GLM-4-0414: no end-of-turn token, a reply ends where the next <|user|> begins
