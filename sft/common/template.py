@@ -2,8 +2,9 @@
 
 Where TRL bundles a training form of a model's official template it is used, ours only where needed:
 Llama-2-chat (TRL has none), Llama-3.1 (TRL has none), Qwen2.5 (TRL's also trains the newlines around a reply)
-Qwen3 (TRL's writes a think block before every reply, which the official template does not) and
-DeepSeek-R1-Distill (TRL's also trains the `<｜Assistant｜>` header, which the generation prompt writes). For any other
+Qwen3 (TRL's writes a think block before every reply, which the official template does not), Qwen3-Instruct-2507
+(TRL's also trains the newline after `<|im_end|>`) and DeepSeek-R1-Distill (TRL's also trains the `<｜Assistant｜>`
+header, which the generation prompt writes). For any other
 template a training form is derived (`derive_training_template`): the text it writes before and after each role's
 content, learnt by rendering probe conversations, written as a template with markers, and proven on the probes
 (its text is the official text, its spans those of `derived_reply_mask`: what rendering adds when a reply is
