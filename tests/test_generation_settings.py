@@ -27,6 +27,7 @@ from sft.common.generation import (
 from sft.common.inference import TrainedModelArguments
 from sft.evaluation.batch_generation import generate_replies
 from sft.serving import chat
+from sft.serving.api import ApiError, ChatCompletionRequest
 from sft.serving.generator import Decoding, Generator, OpenAIPenalties, split_at_stop
 from sft.serving.server import ServeArguments, Service, build_app, load_service
 
@@ -300,3 +301,61 @@ def test_frequency_and_presence_penalties_count_only_the_replys_tokens():
     penalised = OpenAIPenalties(prompt_length=2, frequency=0.5, presence=2.0)(prompt_and_reply, torch.zeros(2, 5))
     # token 1 three times in the first reply: 3 x 0.5 + 2; token 2 once: 0.5 + 2; token 4 only in the prompt: 0
     assert penalised.tolist() == [[0.0, -3.5, -2.5, 0.0, 0.0], [-3.5, 0.0, 0.0, -2.5, 0.0]]
+
+
+def decoded_scores(decoding: Decoding, ids: list[int], scores: list[float], prompt_length: int = 2) -> list[float]:
+    """The next-token scores after this request's processors, for one row."""
+    input_ids, row = torch.tensor([ids]), torch.tensor([scores])
+    for processor in decoding.processors(prompt_length, eos_token_id=0, device="cpu"):
+        row = processor(input_ids, row)
+    return row[0].tolist()
+
+
+INF = float("-inf")
+
+
+@pytest.mark.parametrize(
+    "settings, ids, expected",
+    [
+        ({"min_tokens": 2}, [5, 6, 1], [INF, 1.0, 2.0, 3.0]),  # one reply token so far: the end is held off
+        ({"min_tokens": 2}, [5, 6, 1, 2], [0.0, 1.0, 2.0, 3.0]),  # two: the reply may end
+        ({"repetition_penalty": 2.0}, [5, 6, 3], [0.0, 1.0, 2.0, 1.5]),  # transformers' penalty on seen tokens
+        ({"frequency_penalty": 0.5}, [5, 6, 3, 3], [0.0, 1.0, 2.0, 2.0]),  # either OpenAI penalty alone applies
+        ({"presence_penalty": 0.5}, [5, 6, 3, 3], [0.0, 1.0, 2.0, 2.5]),
+        ({"no_repeat_ngram_size": 2}, [5, 6, 3, 1, 3], [0.0, INF, 2.0, 3.0]),  # "3 1" again is banned
+        ({"top_k": 1}, [5, 6], [INF, INF, INF, 3.0]),
+        ({"min_p": 0.3}, [5, 6], [INF, INF, 2.0, 3.0]),  # below 0.3 x the top token's probability
+        ({"top_k": 1, "greedy": True}, [5, 6], [0.0, 1.0, 2.0, 3.0]),  # greedy decoding takes no sampling warper
+    ],
+)
+def test_each_decoding_setting_changes_the_next_token_scores_as_asked(settings, ids, expected):
+    assert decoded_scores(Decoding(max_new_tokens=8, **settings), ids, [0.0, 1.0, 2.0, 3.0]) == expected
+
+
+def request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model="smoke", messages=[{"role": "user", "content": "你好"}], **fields)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_a_request_asking_for_what_the_server_does_not_do_is_a_400_naming_the_field(fields, param):
+    with pytest.raises(ApiError) as refused:
+        request(**fields).check_supported()
+        request(**fields).stop_strings()
+    assert (refused.value.status, refused.value.param) == (400, param) and refused.value.message.startswith(param)
+
+
+def test_fields_at_their_harmless_values_and_stop_strings_as_openai_takes_them_are_accepted():
+    harmless = request(tools=[], logprobs=False, response_format={"type": "text"}, n=1, user="x", tool_choice=None)
+    harmless.check_supported()
+    assert request(stop="。").stop_strings() == ["。"]  # one string is one stop, not one per character
+    assert request(stop=["a", "", "b", "c"]).stop_strings() == ["a", "b", "c"]  # four are allowed; empty ones dropped
+    assert request().stop_strings() == []

@@ -29,6 +29,15 @@ def test_the_mixture_cache_key_covers_max_train_samples(tmp_path):
     assert again == full and train_rows(again) == train_rows(full)
 
 
+def test_another_seed_prepares_its_own_sources_and_mixture(tmp_path):
+    """The seed draws each source's held-out split, so it keys the sources' folders as well as the mixture's."""
+    first = data_folder(DataArguments(datasets=SOURCES, processed_dir=str(tmp_path)), 1)
+    second = data_folder(DataArguments(datasets=SOURCES, processed_dir=str(tmp_path)), 2)
+    assert first != second
+    sources = sorted(path.name for path in tmp_path.iterdir() if path.is_dir() and not path.name.startswith("mix-"))
+    assert len(sources) == 4, sources  # two sources, each prepared once per seed
+
+
 def test_weights_are_normalised_into_shares():
     """Weights 3:1 give shares 0.75/0.25 (within sampling error), whatever their sum."""
     trains = [Dataset.from_dict({"x": np.arange(20_000) + 100_000 * i}) for i in range(2)]
