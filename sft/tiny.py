@@ -13,11 +13,12 @@
 - `glm4`: a Glm4 model (GLM-4-9B-0414's architecture) with a byte-level BPE tokenizer, GLM-4's special tokens
   (`[gMASK]`, `<sop>`, `<|system|>`, `<|user|>`, `<|assistant|>`, ...) and GLM-4-0414's official chat template:
   no end-of-turn token, a reply ends where the next `<|user|>` begins (its `eos_token`);
-- `r1_distill`: a Qwen2 model (DeepSeek-R1-Distill-Qwen's architecture) with a byte-level BPE tokenizer (Qwen's
-  pre-tokenizer), R1's special tokens (`<｜begin▁of▁sentence｜>` added in front, `<｜User｜>`, `<｜Assistant｜>`,
-  `<｜end▁of▁sentence｜>` ending a reply, `<think>`/`</think>`) and R1-Distill's official chat template.
-The other tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights and a
-fixed seed. They check the pipeline; they are no chatbots.
+- `r1_distill`: a Qwen2 model (DeepSeek-R1-Distill-Qwen's architecture) with Qwen's real vocabulary and
+  pre-tokenizer (as `qwen2_5`), R1's special tokens (`<｜begin▁of▁sentence｜>` added in front, `<｜User｜>`,
+  `<｜Assistant｜>`, `<｜end▁of▁sentence｜>` ending a reply, `<think>`/`</think>`) and R1-Distill's official chat
+  template.
+The Llama-2 and GLM-4 tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights
+and a fixed seed. They check the pipeline; they are no chatbots.
 """
 
 import argparse
@@ -251,22 +252,33 @@ def glm4_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def r1_distill_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
-    """DeepSeek-R1-Distill-Qwen's tokenizer setup: `<｜begin▁of▁sentence｜>` added in front (its template writes it
-    too), `<｜end▁of▁sentence｜>` ends a reply and pads."""
-    tokenizer = train_byte_level_bpe(sentences, QWEN_PATTERN, R1_SPECIALS)
+def r1_distill_tokenizer() -> Qwen2Tokenizer:
+    """DeepSeek-R1-Distill-Qwen's tokenizer: Qwen's vocabulary (so llama.cpp's converter knows it as
+    `deepseek-r1-qwen`), R1's specials at ids 151643-151649, `<｜begin▁of▁sentence｜>` added in front (its template
+    writes it too), `<｜end▁of▁sentence｜>` ends a reply and pads."""
+    vocab, merges = TikTokenConverter(str(QWEN_RANKS)).extract_vocab_merges_from_model(str(QWEN_RANKS))
     bos, eos = R1_SPECIALS[3], R1_SPECIALS[0]
-    tokenizer.post_processor = processors.Sequence(
+    tokenizer = Qwen2Tokenizer(
+        vocab={**vocab, **{token: len(vocab) + i for i, token in enumerate(R1_SPECIALS)}},
+        merges=merges,
+        unk_token=None,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
+        additional_special_tokens=R1_SPECIALS[1:3] + R1_SPECIALS[4:],
+    )
+    tokenizer.backend_tokenizer.post_processor = processors.Sequence(
         [
             processors.ByteLevel(trim_offsets=False),
             processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+                single=f"{bos} $A",
+                pair=f"{bos} $A {bos} $B:1",
+                special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))],
             ),
         ]
     )
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=eos)
-    wrapped.chat_template = deepseek_r1_distill_chat_template
-    return wrapped
+    tokenizer.chat_template = deepseek_r1_distill_chat_template
+    return tokenizer
 
 
 def build_model(config_class, model_class, tokenizer, eos_tokens: list[str], seed: int = 0, **config):
@@ -339,7 +351,7 @@ def build_tiny_glm4(output_dir: str = TINY_MODEL_DIRS["glm4"]) -> Path:
 
 
 def build_tiny_r1_distill(output_dir: str = TINY_MODEL_DIRS["r1_distill"]) -> Path:
-    tokenizer = r1_distill_tokenizer(sample_sentences())
+    tokenizer = r1_distill_tokenizer()
     eos = ["<｜end▁of▁sentence｜>"]  # as DeepSeek-R1-Distill-Qwen's generation_config
     model = build_model(Qwen2Config, Qwen2ForCausalLM, tokenizer, eos, num_key_value_heads=2)
     return save(model, tokenizer, output_dir)

@@ -217,13 +217,20 @@ def qwen3_export(converter, tmp_path_factory):
     return tiny_export("qwen3", "qwen3", tmp_path_factory)
 
 
-# Each family whose tokenizer llama.cpp's converter knows, and the fixture with its export (the tiny GLM-4's and
-# R1-Distill's retrained tokenizers are unknown to it, see test_a_tokenizer_llama_cpp_does_not_know_...).
+@pytest.fixture(scope="module")
+def r1_distill_export(converter, tmp_path_factory):
+    """The tiny DeepSeek-R1-Distill-Qwen (Qwen's real vocabulary, `deepseek-r1-qwen` to the converter) exported."""
+    return tiny_export("r1_distill", "deepseek-r1-distill", tmp_path_factory)
+
+
+# Each family whose tokenizer llama.cpp's converter knows, and the fixture with its export (the tiny GLM-4's
+# retrained tokenizer is unknown to it, see test_a_tokenizer_llama_cpp_does_not_know_ends_with_one_error_line).
 FAMILIES_THAT_EXPORT = {
     "llama-2": "smoke_export",
     "qwen2.5": "qwen2_5_export",
     "llama-3.1": "llama3_export",
     "qwen3": "qwen3_export",
+    "deepseek-r1-distill": "r1_distill_export",
 }
 # Which prompts llama.cpp's built-in renderer of the family's template (what llama_chat_apply_template detects from
 # the GGUF's template) writes as the official template does, and why the others differ.
@@ -236,6 +243,8 @@ BUILT_IN_TEMPLATE_AGREES = {
     "llama-3.1": lambda conversation: False,
     # CHATML: the empty think block that ends a non-thinking Qwen3 prompt is missing.
     "qwen3": lambda conversation: False,
+    # DEEPSEEK_3: the "<think>\n" that ends R1-Distill's generation prompt is missing.
+    "deepseek-r1-distill": lambda conversation: False,
 }
 
 
@@ -388,7 +397,7 @@ def test_modelfile_template_renders_conversations_as_the_runs_chat_template(expo
     ],
 )
 def test_each_familys_modelfile_renders_conversations_as_its_chat_template(family, chat_format, end_of_turn, tmp_path):
-    """The Modelfile the export writes for the family's smoke model (whose tokenizer llama.cpp refuses, see below)."""
+    """The Modelfile the export writes for the family's smoke model, without converting it."""
     tokenizer = read_run(str(tiny_model_of(family))).load_tokenizer()
     fmt = sft.export.gguf.ollama_format(inference_chat_template(tokenizer.chat_template))
     parameters = sft.export.gguf.ollama_parameters(GenerationArguments(), 256)
