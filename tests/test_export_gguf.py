@@ -232,19 +232,26 @@ FAMILIES_THAT_EXPORT = {
     "qwen3": "qwen3_export",
     "deepseek-r1-distill": "r1_distill_export",
 }
-# Which prompts llama.cpp's built-in renderer of the family's template (what llama_chat_apply_template detects from
-# the GGUF's template) writes as the official template does, and why the others differ.
-BUILT_IN_TEMPLATE_AGREES = {
-    # LLAMA_2_SYS_STRIP: later turns get no <s> before [INST] and no spaces around the reply ("[/INST]reply</s>").
-    "llama-2": lambda conversation: sum(m["role"] == "user" for m in conversation) == 1,
-    # CHATML: without a system message, Qwen2.5's default system turn ("You are Qwen, ...") is missing.
-    "qwen2.5": lambda conversation: conversation[0]["role"] == "system",
-    # LLAMA_3: the "Cutting Knowledge Date" / "Today Date" system turn Llama-3.1 writes into every prompt is missing.
-    "llama-3.1": lambda conversation: False,
-    # CHATML: the empty think block that ends a non-thinking Qwen3 prompt is missing.
-    "qwen3": lambda conversation: False,
-    # DEEPSEEK_3: the "<think>\n" that ends R1-Distill's generation prompt is missing.
-    "deepseek-r1-distill": lambda conversation: False,
+# What llama.cpp's built-in renderer of each family's template (llama_chat_apply_template, which detects the family
+# from the GGUF's template) writes instead of the official template's prompt text.
+LLAMA3_1_DATE_LINES = f"{sft.export.gguf.LLAMA3_1_KNOWLEDGE}\nToday Date: {sft.export.gguf.LLAMA3_1_DATE}\n\n"
+BUILT_IN_RENDERING = {
+    # LLAMA_2_SYS_STRIP: later turns get no <s> before [INST] and no spaces around the reply.
+    "llama-2": lambda text: re.sub(r"\[/INST\] (.*?) </s><s>", r"[/INST]\1</s>", text, flags=re.S),
+    # CHATML: no default system turn when the conversation has none.
+    "qwen2.5": lambda text: text.replace(
+        f"<|im_start|>system\n{sft.export.gguf.QWEN2_5_DEFAULT_SYSTEM}<|im_end|>\n", ""
+    ),
+    # LLAMA_3: no date lines, so no system turn at all when the conversation has none.
+    "llama-3.1": lambda text: text.replace(LLAMA3_1_DATE_LINES, "").replace(
+        "<|start_header_id|>system<|end_header_id|>\n\n<|eot_id|>", ""
+    ),
+    # CHATML: no empty think block at the end of a non-thinking prompt.
+    "qwen3": lambda text: text.removesuffix("<think>\n\n</think>\n\n"),
+    # DEEPSEEK_3: the generation prompt opens no think block, and the system prompt is followed by two newlines.
+    "deepseek-r1-distill": lambda text: text.removesuffix("<think>\n").replace(
+        f"{SYSTEM_PROMPT}<｜User｜>", f"{SYSTEM_PROMPT}\n\n<｜User｜>"
+    ),
 }
 
 
@@ -507,15 +514,18 @@ def test_llama_cpp_tokenizes_chat_prompts_and_all_lccc_utterances_as_training_di
 @pytest.mark.parametrize("family", FAMILIES_THAT_EXPORT)
 def test_llama_cpp_renders_chat_prompts_from_the_gguf_template(family, request, llama_cpp):
     """Conversations rendered by llama.cpp from the GGUF's own template and tokenized by it, against the ids training
-    and serving give the same prompt (generation prompt on): equal exactly where llama.cpp's built-in renderer of the
-    family writes what the official template writes (BUILT_IN_TEMPLATE_AGREES)."""
+    and serving give the same prompt (generation prompt on): equal wherever llama.cpp's built-in renderer of the
+    family writes the official text, and elsewhere differing exactly as BUILT_IN_RENDERING says."""
     exported, (_, tokenizer) = request.getfixturevalue(FAMILIES_THAT_EXPORT[family])
     conversations = [*CONTEXTS, *lccc_prompts()]
-    expected = encode_prompt(tokenizer, [render_prompt(tokenizer, c) for c in conversations])["input_ids"]
+    official = [render_prompt(tokenizer, c) for c in conversations]
+    built_in = [BUILT_IN_RENDERING[family](text) for text in official]
     actual = llama_chat_tokens(llama_cpp, exported / "model-f16.gguf", conversations)
-    agrees = [ids == expected_ids for ids, expected_ids in zip(actual, expected, strict=True)]
-    print(f"{family}: {sum(agrees)}/{len(agrees)} prompts equal, {sum(map(len, expected))} tokens expected")
-    assert agrees == [BUILT_IN_TEMPLATE_AGREES[family](c) for c in conversations]
+    assert actual == encode_prompt(tokenizer, built_in)["input_ids"]
+    expected = encode_prompt(tokenizer, official)["input_ids"]
+    equal = sum(ids == expected_ids for ids, expected_ids in zip(actual, expected, strict=True))
+    print(f"{family}: {equal}/{len(conversations)} prompts equal, {sum(map(len, expected))} tokens expected")
+    assert equal == sum(text == built for text, built in zip(official, built_in, strict=True))
 
 
 @pytest.mark.slow
