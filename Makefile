@@ -28,6 +28,8 @@ LLAMA_CPP_SDIST := build/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 LLAMA_CPP_SRC := build/llama.cpp-src
 LLAMA_CPP_BUILD := build/llama.cpp-build
 LLAMA_CPP_TOOLS := llama-quantize llama-tokenize llama-simple
+# Our own small program against the same libllama: a conversation's chat prompt as llama.cpp renders and tokenizes it.
+LLAMA_CHAT_TOKENS := $(LLAMA_CPP_BUILD)/bin/llama-chat-tokens
 LLAMA_CPP_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
 	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF -DGGML_NATIVE=ON
 LLAMA_CPP_JOBS ?= 2
@@ -171,7 +173,7 @@ $(CONVERTER): | $(LLAMA_CPP_SDIST)
 	rm -rf $(LLAMA_CPP).download
 
 # 10-40 minutes once on 2 cores (LLAMA_CPP_JOBS=...), then skipped.
-llama-cpp: $(LLAMA_CPP_BUILD)/.built
+llama-cpp: $(LLAMA_CPP_BUILD)/.built $(LLAMA_CHAT_TOKENS)
 
 $(LLAMA_CPP_BUILD)/.built: | $(LLAMA_CPP_SDIST)
 	rm -rf $(LLAMA_CPP_SRC) $(LLAMA_CPP_SRC).download && mkdir -p $(LLAMA_CPP_SRC).download
@@ -182,6 +184,10 @@ $(LLAMA_CPP_BUILD)/.built: | $(LLAMA_CPP_SDIST)
 	cmake -S $(LLAMA_CPP_SRC) -B $(LLAMA_CPP_BUILD) $(LLAMA_CPP_CMAKE_FLAGS)
 	cmake --build $(LLAMA_CPP_BUILD) -j $(LLAMA_CPP_JOBS) --target $(LLAMA_CPP_TOOLS)
 	touch $@
+
+$(LLAMA_CHAT_TOKENS): sft/export/llama_chat_tokens.c $(LLAMA_CPP_BUILD)/.built
+	$(CC) -O2 -std=c11 -Wall -Werror -o $@ $< -I$(LLAMA_CPP_SRC)/include -I$(LLAMA_CPP_SRC)/ggml/include \
+		-L$(LLAMA_CPP_BUILD)/bin -lllama -Wl,-rpath,'$$ORIGIN'
 
 test: $(VENV)/.installed $(TINY_MODELS) export-setup llama-cpp
 	$(PY) -m pytest $(PYTEST_ARGS)

