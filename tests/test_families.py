@@ -202,6 +202,7 @@ UNKNOWN_VARIANT = {
     "llama3": "derived",  # the same for its date header
     "glm4": "official_with_derived_spans",  # a reply ends at the next <|user|>: no end-of-turn token of its own
     "qwen3": "rewrites earlier turns",  # the think block before the last reply only
+    "qwen3_2507": "derived",  # ChatML with no default system prompt and no think block
     "r1_distill": "generation prompt",  # it opens a think block that its replies do not have
 }
 
