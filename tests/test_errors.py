@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import SMOKE_RECIPE
 from huggingface_hub.errors import GatedRepoError
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from sft.common.errors import UserError
 from sft.common.template import training_chat_template
@@ -93,6 +93,7 @@ def test_gated_model_without_a_token_says_how_to_get_access(capsys, monkeypatch,
         except GatedRepoError as err:
             raise OSError("You are trying to access a gated repo.") from err
 
+    monkeypatch.setattr(AutoConfig, "from_pretrained", gated)  # the launch plan reads the config first
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", gated)
     message = run_main(
         capsys, *smoke("--model_name_or_path", "meta-llama/Llama-2-7b-chat-hf", "--output_dir", str(tmp_path))
