@@ -185,9 +185,10 @@ $(LLAMA_CPP_BUILD)/.built: | $(LLAMA_CPP_SDIST)
 	cmake --build $(LLAMA_CPP_BUILD) -j $(LLAMA_CPP_JOBS) --target $(LLAMA_CPP_TOOLS)
 	touch $@
 
-$(LLAMA_CHAT_TOKENS): sft/export/llama_chat_tokens.c $(LLAMA_CPP_BUILD)/.built
-	$(CC) -O2 -std=c11 -Wall -Werror -o $@ $< -I$(LLAMA_CPP_SRC)/include -I$(LLAMA_CPP_SRC)/ggml/include \
-		-L$(LLAMA_CPP_BUILD)/bin -lllama -Wl,-rpath,'$$ORIGIN'
+$(LLAMA_CHAT_TOKENS): sft/export/llama_chat_tokens.cpp $(LLAMA_CPP_BUILD)/.built
+	$(CXX) -O2 -std=c++17 -Wall -Werror -o $@ $< -isystem $(LLAMA_CPP_SRC)/include -isystem $(LLAMA_CPP_SRC)/ggml/include \
+		-isystem $(LLAMA_CPP_SRC)/common -isystem $(LLAMA_CPP_SRC)/vendor -L$(LLAMA_CPP_BUILD)/bin -lllama-common -lllama \
+		-Wl,-rpath,'$$ORIGIN'
 
 test: $(VENV)/.installed $(TINY_MODELS) export-setup llama-cpp
 	$(PY) -m pytest $(PYTEST_ARGS)

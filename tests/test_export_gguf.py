@@ -123,11 +123,15 @@ def llama_tokenize(llama_cpp, gguf_file, text: str, tmp_path) -> list[int]:
     return json.loads(result.stdout.decode().strip().splitlines()[-1])
 
 
-def llama_chat_tokens(llama_cpp, gguf_file, conversations: list[list[dict]]) -> list[list[int]]:
-    """Each conversation's chat prompt as llama.cpp renders it from the GGUF's own template (llama_chat_apply_template:
-    its built-in template detector, not the Jinja engine) and tokenizes it (sft/export/llama_chat_tokens.c)."""
+def llama_chat_tokens(llama_cpp, gguf_file, conversations: list[list[dict]], jinja: dict | None = None) -> list:
+    """Each conversation's chat prompt as llama.cpp renders it from the GGUF's own template and tokenizes it
+    (sft/export/llama_chat_tokens.cpp): by its built-in template detector (llama_chat_apply_template), or given
+    `jinja` (template variables, as llama-server's --chat-template-kwargs) by the Jinja engine llama-cli and
+    llama-server use by default."""
     fields = "".join("".join(f"{m['role']}\0{m['content']}\0" for m in c) + "\0" for c in conversations)
-    result = subprocess.run([llama_cpp / "llama-chat-tokens", gguf_file], input=fields.encode(), capture_output=True)
+    kwargs = [f"{key}={json.dumps(value)}" for key, value in (jinja or {}).items()]
+    command = [llama_cpp / "llama-chat-tokens", *(["--jinja", *kwargs] if jinja is not None else []), gguf_file]
+    result = subprocess.run(command, input=fields.encode(), capture_output=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return [[int(token) for token in line.split()] for line in result.stdout.decode().splitlines()]
 
@@ -553,6 +557,22 @@ def test_llama_cpp_renders_chat_prompts_from_the_gguf_template(family, request, 
     equal = sum(ids == expected_ids for ids, expected_ids in zip(actual, expected, strict=True))
     print(f"{family}: {equal}/{len(conversations)} prompts equal, {sum(map(len, expected))} tokens expected")
     assert equal == sum(text == built for text, built in zip(official, built_in, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES_THAT_EXPORT)
+def test_llama_cpps_jinja_engine_renders_and_tokenizes_chat_prompts_exactly_as_training(family, request, llama_cpp):
+    """What llama-server and llama-cli send the model by default: the GGUF's template run by llama.cpp's Jinja engine
+    (thinking off, as trained and served here), then tokenized by llama.cpp, equals the ids training and serving
+    give the same prompt, on every conversation. llama.cpp sets Llama-3.1's `date_string` to today; the official
+    template's default, which training renders, is given back as docs/export.md tells llama-server users to."""
+    exported, (_, tokenizer) = request.getfixturevalue(FAMILIES_THAT_EXPORT[family])
+    conversations = [*CONTEXTS, *lccc_prompts()]
+    expected = encode_prompt(tokenizer, [render_prompt(tokenizer, c) for c in conversations])["input_ids"]
+    kwargs = {"date_string": sft.export.gguf.LLAMA3_1_DATE} if family == "llama-3.1" else {}
+    actual = llama_chat_tokens(llama_cpp, exported / "model-f16.gguf", conversations, jinja=kwargs)
+    mismatches = [n for n, (ids, wanted) in enumerate(zip(actual, expected, strict=True)) if ids != wanted]
+    assert not mismatches, (len(mismatches), tokenizer.decode(actual[mismatches[0]]))
 
 
 @pytest.mark.slow
