@@ -359,3 +359,74 @@ def test_fields_at_their_harmless_values_and_stop_strings_as_openai_takes_them_a
     assert request(stop="。").stop_strings() == ["。"]  # one string is one stop, not one per character
     assert request(stop=["a", "", "b", "c"]).stop_strings() == ["a", "b", "c"]  # four are allowed; empty ones dropped
     assert request().stop_strings() == []
+
+
+SAMPLING_SERVER = GenerationArguments(
+    max_new_tokens=64, do_sample=True, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.1,
+    no_repeat_ngram_size=3, seed=5,
+)  # fmt: skip
+GREEDY_SERVER = dataclasses.replace(SAMPLING_SERVER, do_sample=False)
+ASKED = {
+    "temperature": 0.5, "top_p": 0.5, "top_k": 3, "seed": 7, "repetition_penalty": 1.3, "frequency_penalty": 0.4,
+    "presence_penalty": 0.2, "min_p": 0.1, "min_tokens": 8, "stop": "。",
+}  # fmt: skip
+ASKED_DECODING = {
+    "greedy": False, "temperature": 0.5, "top_p": 0.5, "top_k": 3, "seed": 7, "repetition_penalty": 1.3,
+    "frequency_penalty": 0.4, "presence_penalty": 0.2, "min_p": 0.1, "min_tokens": 8, "stop": ["。"],
+}  # fmt: skip
+SERVER_DECODING = {
+    "greedy": False, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "seed": 5, "repetition_penalty": 1.1,
+    "frequency_penalty": 0.0, "presence_penalty": 0.0, "min_p": 0.0, "min_tokens": 0, "stop": [],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "server, fields, expected",
+    [
+        (SAMPLING_SERVER, {}, SERVER_DECODING),  # the server's settings where the request gives none
+        (SAMPLING_SERVER, ASKED, ASKED_DECODING),  # the request's where it gives them
+        (GREEDY_SERVER, ASKED, ASKED_DECODING),  # a temperature asked for samples on a greedy server
+        (GREEDY_SERVER, {}, {**SERVER_DECODING, "greedy": True}),
+        (SAMPLING_SERVER, {"temperature": 0}, {"greedy": True}),  # temperature 0 is greedy, as in OpenAI's API
+        (SAMPLING_SERVER, {"top_k": -1, "seed": -1}, {"top_k": 0, "seed": None}),  # vLLM's "no top-k", a random seed
+        (SAMPLING_SERVER, {"min_tokens": 16}, {"min_tokens": 16}),  # as many as the reply may have
+    ],
+)
+def test_a_requests_settings_win_and_the_servers_fill_the_rest(service, server, fields, expected):
+    served = dataclasses.replace(service, defaults=server)
+    decoding = served.decoding(request(**fields), max_new_tokens=16)
+    assert decoding.max_new_tokens == 16 and decoding.no_repeat_ngram_size == 3
+    assert {key: getattr(decoding, key) for key in expected} == expected
+
+
+def test_more_min_tokens_than_the_reply_may_have_is_a_400(service):
+    with pytest.raises(ApiError) as refused:
+        service.decoding(request(min_tokens=17), max_new_tokens=16)
+    assert (refused.value.status, refused.value.param) == (400, "min_tokens") and "16" in refused.value.message
+
+
+def test_the_reply_budget_is_the_asked_or_default_limit_within_the_context_window(service):
+    served = dataclasses.replace(service, defaults=SAMPLING_SERVER, context_window=100)
+    assert served.reply_budget(prompt_tokens=10, max_tokens=None) == 64  # the server's default
+    assert served.reply_budget(prompt_tokens=50, max_tokens=None) == 50  # what the window leaves
+    assert served.reply_budget(prompt_tokens=10, max_tokens=90) == 90  # asked for, exactly filling the window
+    assert served.reply_budget(prompt_tokens=99, max_tokens=1) == 1
+    for prompt_tokens, max_tokens, param in ((10, 91, "max_tokens"), (100, None, "messages"), (120, 5, "messages")):
+        with pytest.raises(ApiError) as refused:
+            served.reply_budget(prompt_tokens, max_tokens)
+        assert (refused.value.status, refused.value.param, refused.value.code) == (
+            400, param, "context_length_exceeded"
+        )  # fmt: skip
+        assert f"{prompt_tokens}" in refused.value.message and "100 tokens" in refused.value.message
+
+
+def test_a_conversation_too_long_however_it_tokenizes_is_refused_before_tokenizing(service):
+    served = dataclasses.replace(service, context_window=10)
+    longest = served.longest_token * 10
+    served.check_length([{"role": "user", "content": "字" * longest}])  # could still fit
+    with pytest.raises(ApiError) as refused:
+        served.check_length([{"role": "system", "content": "字"}, {"role": "user", "content": "字" * longest}])
+    assert (refused.value.status, refused.value.param, refused.value.code) == (
+        400, "messages", "context_length_exceeded"
+    )  # fmt: skip
+    assert f"{longest + 1} characters" in refused.value.message

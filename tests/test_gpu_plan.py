@@ -333,3 +333,32 @@ def test_every_change_of_the_plan_says_what_the_recipe_had_and_why(facts):
                 assert getattr(part, change.key) == change.was, change.key
         if change.key == "device_map":
             assert change.was == "TRL's default: 'auto'"
+
+
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (["--packing_strategy", "wrapped"], "packing_strategy 'wrapped' cuts and joins sequences"),
+        (["--packing_strategy", "bfd", "--attn_implementation", "kernels-community/vllm-flash-attn3"], "is not known"),
+        (["--packing_strategy", "bfd"], None),  # best-fit decreasing with SDPA keeps sequences apart: packing stays
+    ],
+)
+def test_packing_is_kept_only_where_packed_sequences_cannot_see_each_other(flags, problem):
+    r = recipe("--packing", "true", "--padding_free", "true", *flags)
+    changes = {c.key: c for c in decide(r, dataclasses.replace(ONE_GPU, cuda=False, capability=None))}
+    if problem is None:
+        assert r.training.packing and r.training.padding_free and "packing" not in changes
+        return
+    assert (r.training.packing, r.training.padding_free) == (False, False)
+    assert r.training.train_sampling_strategy == "group_by_length"
+    assert {"packing", "padding_free", "train_sampling_strategy"} <= set(changes) and problem in changes["packing"].why
+
+
+@pytest.mark.parametrize(
+    "flags, filtered",
+    [([], False), (["--logging_nan_inf_filter", "true"], True), (["--stop_after_bad_steps", "0"], True)],
+)
+def test_nan_losses_are_logged_as_they_are_while_the_watch_needs_them(flags, filtered):
+    r = recipe(*flags)
+    decide(r, dataclasses.replace(ONE_GPU, cuda=False, capability=None))
+    assert r.training.logging_nan_inf_filter is filtered
