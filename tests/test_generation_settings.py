@@ -381,7 +381,7 @@ SERVER_DECODING = {
 
 
 @pytest.mark.parametrize(
-    "server, fields, expected",
+    "defaults, fields, expected",
     [
         (SAMPLING_SERVER, {}, SERVER_DECODING),  # the server's settings where the request gives none
         (SAMPLING_SERVER, ASKED, ASKED_DECODING),  # the request's where it gives them
@@ -392,8 +392,8 @@ SERVER_DECODING = {
         (SAMPLING_SERVER, {"min_tokens": 16}, {"min_tokens": 16}),  # as many as the reply may have
     ],
 )
-def test_a_requests_settings_win_and_the_servers_fill_the_rest(service, server, fields, expected):
-    served = dataclasses.replace(service, defaults=server)
+def test_a_requests_settings_win_and_the_servers_fill_the_rest(service, defaults, fields, expected):
+    served = dataclasses.replace(service, defaults=defaults)
     decoding = served.decoding(request(**fields), max_new_tokens=16)
     assert decoding.max_new_tokens == 16 and decoding.no_repeat_ngram_size == 3
     assert {key: getattr(decoding, key) for key in expected} == expected
