@@ -411,7 +411,8 @@ def test_the_reply_budget_is_the_asked_or_default_limit_within_the_context_windo
     assert served.reply_budget(prompt_tokens=50, max_tokens=None) == 50  # what the window leaves
     assert served.reply_budget(prompt_tokens=10, max_tokens=90) == 90  # asked for, exactly filling the window
     assert served.reply_budget(prompt_tokens=99, max_tokens=1) == 1
-    for prompt_tokens, max_tokens, param in ((10, 91, "max_tokens"), (100, None, "messages"), (120, 5, "messages")):
+    cases = ((10, 91, "max_tokens"), (99, 2, "max_tokens"), (100, None, "messages"), (120, 5, "messages"))
+    for prompt_tokens, max_tokens, param in cases:
         with pytest.raises(ApiError) as refused:
             served.reply_budget(prompt_tokens, max_tokens)
         assert (refused.value.status, refused.value.param, refused.value.code) == (
