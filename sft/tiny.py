@@ -173,13 +173,17 @@ def train_byte_level_bpe(sentences: list[str], pattern: str, specials: list[str]
     return tokenizer
 
 
+def qwen_vocabulary(specials: list[str]) -> dict:
+    """`vocab` and `merges` of Qwen's 151,643 BPE ranks, with `specials` at the ids after them."""
+    vocab, merges = TikTokenConverter(str(QWEN_RANKS)).extract_vocab_merges_from_model(str(QWEN_RANKS))
+    return {"vocab": {**vocab, **{token: len(vocab) + i for i, token in enumerate(specials)}}, "merges": merges}
+
+
 def qwen2_5_tokenizer() -> Qwen2Tokenizer:
     """Qwen2.5-Instruct's tokenizer: its vocabulary and merges from Qwen's BPE ranks (so llama.cpp's converter knows
     it as `qwen2`), its specials at ids 151643-151645, no BOS, `<|im_end|>` ends a reply, `<|endoftext|>` pads."""
-    vocab, merges = TikTokenConverter(str(QWEN_RANKS)).extract_vocab_merges_from_model(str(QWEN_RANKS))
     tokenizer = Qwen2Tokenizer(
-        vocab={**vocab, **{token: len(vocab) + i for i, token in enumerate(QWEN_SPECIALS)}},
-        merges=merges,
+        **qwen_vocabulary(QWEN_SPECIALS),
         unk_token=None,
         bos_token=None,
         eos_token="<|im_end|>",
@@ -259,11 +263,9 @@ def r1_distill_tokenizer() -> Qwen2Tokenizer:
     """DeepSeek-R1-Distill-Qwen's tokenizer: Qwen's vocabulary (so llama.cpp's converter knows it as
     `deepseek-r1-qwen`), R1's specials at ids 151643-151649, `<｜begin▁of▁sentence｜>` added in front (its template
     writes it too), `<｜end▁of▁sentence｜>` ends a reply and pads."""
-    vocab, merges = TikTokenConverter(str(QWEN_RANKS)).extract_vocab_merges_from_model(str(QWEN_RANKS))
     bos, eos = R1_SPECIALS[3], R1_SPECIALS[0]
     tokenizer = Qwen2Tokenizer(
-        vocab={**vocab, **{token: len(vocab) + i for i, token in enumerate(R1_SPECIALS)}},
-        merges=merges,
+        **qwen_vocabulary(R1_SPECIALS),
         unk_token=None,
         bos_token=bos,
         eos_token=eos,
